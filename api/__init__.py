@@ -1,0 +1,1 @@
+"""HTTP interfaces: the tenant API (and later the admin API), thin over `kms`."""

@@ -1,0 +1,75 @@
+"""The tenant API application factory. Nothing is built at import time."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from api.limits import BodySizeLimit
+from api.problems import from_error, language, problem
+from api.tenant_routes import router
+from kms.config import Settings
+from kms.errors import KeyIntegrityError, KmsError
+from kms.service import Kms
+
+log = logging.getLogger("kms.api")
+
+
+def create_app(settings: Settings, kms: Kms) -> FastAPI:
+    """Build the tenant API over an already-built Kms (the composition root owns it)."""
+    app = FastAPI(title="Tenant KMS — API locataire", version="1", docs_url=None,
+                  redoc_url=None, openapi_url="/v1/openapi.json")
+    app.state.kms = kms
+    app.state.settings = settings
+    app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+
+    def lang_of(request: Request) -> str:
+        return language(request.headers.get("accept-language"))
+
+    @app.exception_handler(KmsError)
+    async def _domain_error(request: Request, exc: KmsError) -> Response:
+        if isinstance(exc, KeyIntegrityError):
+            log.error("key integrity failure", extra={"path": request.url.path})
+        return from_error(exc, lang_of(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        # Never echo the input: it may be plaintext. Name the first bad field only.
+        errors: list[Any] = list(exc.errors())
+        field = None
+        if errors:
+            loc = [p for p in errors[0].get("loc", ()) if isinstance(p, str) and p != "body"]
+            field = ".".join(loc) or None
+        return problem("invalid_request", lang_of(request), field=field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                415: "unsupported_media_type"}.get(exc.status_code, "invalid_request")
+        return problem(code, lang_of(request))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        # The type only: an exception message could carry data.
+        log.error("unhandled error %s", type(exc).__name__, extra={"path": request.url.path})
+        return problem("internal_error", lang_of(request))
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> Response:
+        checks = kms.ready()
+        ok = all(checks.values())
+        return JSONResponse({"status": "ready" if ok else "unavailable", **checks},
+                            status_code=200 if ok else 503,
+                            headers={} if ok else {"Retry-After": "1"})
+
+    return app

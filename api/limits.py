@@ -1,0 +1,60 @@
+"""Refuse request bodies over a size limit before they are read whole (413)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.problems import language, problem
+
+Scope = dict[str, Any]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware: checks Content-Length up front and counts streamed bytes."""
+
+    def __init__(self, app: Any, *, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        lang = language(headers.get("accept-language"))
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await problem("invalid_request", lang)(scope, receive, send)
+                return
+            if int(declared) > self.max_bytes:
+                await problem("payload_too_large", lang, )(scope, receive, send)
+                return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await problem("payload_too_large", lang)(scope, receive, send)

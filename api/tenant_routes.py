@@ -1,0 +1,159 @@
+"""Routes of the tenant API (`/v1`). Thin: parse, call `kms`, shape the answer.
+
+Tenant scoping and role checks happen in the services, from the authenticated Caller.
+Key material leaves only through `POST /v1/volumes/{id}/key` and the `datakey`/`decrypt`
+answers whose job is to return it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse, Response
+
+from kms.caller import Caller
+from kms.errors import InvalidRequest, Unauthenticated
+from kms.service import Kms
+
+router = APIRouter(prefix="/v1")
+
+
+def get_kms(request: Request) -> Kms:
+    kms: Kms = request.app.state.kms
+    return kms
+
+
+KmsDep = Annotated[Kms, Depends(get_kms)]
+
+
+def authenticate(request: Request, kms: KmsDep) -> Caller:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("missing bearer token")
+    return kms.principals.authenticate(token.strip())
+
+
+CallerDep = Annotated[Caller, Depends(authenticate)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VolumeCreate(_Strict):
+    volume_id: str
+    cipher: str = "aes-xts-plain64"
+    key_bits: int = 512
+
+
+class KeyCreate(_Strict):
+    name: str
+    type: str = "aes256-gcm"
+
+
+class EncryptBody(_Strict):
+    plaintext: str
+    context: str | None = None
+
+
+class DecryptBody(_Strict):
+    ciphertext: str = Field(max_length=1 << 24)
+    context: str | None = None
+
+
+class DatakeyBody(_Strict):
+    bits: int = 256
+    context: str | None = None
+
+
+def _b64(value: str | None, field: str) -> bytes:
+    if value is None:
+        return b""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("not standard base64", field=field) from None
+
+
+def _b64out(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# -- volumes (hypervisor) -------------------------------------------------------------
+
+@router.post("/volumes", status_code=201)
+def create_volume(body: VolumeCreate, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    return kms.volumes.create(caller, volume_id=body.volume_id, cipher=body.cipher,
+                              key_bits=body.key_bits).public()
+
+
+@router.get("/volumes")
+def list_volumes(caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    return {"volumes": [v.public() for v in kms.volumes.list(caller)]}
+
+
+@router.post("/volumes/{volume_id}/key")
+def fetch_volume_key(volume_id: str, caller: CallerDep, kms: KmsDep) -> Response:
+    vk = kms.volumes.fetch_key(caller, volume_id)
+    body = {"volume_id": vk.volume_id, "key": _b64out(vk.key.reveal()), "cipher": vk.cipher,
+            "key_bits": vk.key_bits}
+    return _no_store(body)
+
+
+@router.delete("/volumes/{volume_id}", status_code=204)
+def delete_volume(volume_id: str, caller: CallerDep, kms: KmsDep) -> Response:
+    kms.volumes.delete(caller, volume_id)
+    return Response(status_code=204)
+
+
+# -- application keys -------------------------------------------------------------------
+
+@router.post("/keys", status_code=201)
+def create_key(body: KeyCreate, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    return kms.appkeys.create(caller, name=body.name, key_type=body.type).public()
+
+
+@router.get("/keys")
+def list_keys(caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    return {"keys": [k.public() for k in kms.appkeys.list(caller)]}
+
+
+@router.get("/keys/{name}")
+def show_key(name: str, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    return kms.appkeys.show(caller, name).public()
+
+
+@router.post("/keys/{name}/encrypt")
+def encrypt(name: str, body: EncryptBody, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    ciphertext, version = kms.appkeys.encrypt(
+        caller, name, _b64(body.plaintext, "plaintext"), context=_b64(body.context, "context"))
+    return {"ciphertext": ciphertext, "key_version": version}
+
+
+@router.post("/keys/{name}/decrypt")
+def decrypt(name: str, body: DecryptBody, caller: CallerDep, kms: KmsDep) -> Response:
+    plaintext = kms.appkeys.decrypt(caller, name, body.ciphertext,
+                                    context=_b64(body.context, "context"))
+    return _no_store({"plaintext": _b64out(plaintext.reveal())})
+
+
+@router.post("/keys/{name}/datakey")
+def datakey(name: str, body: DatakeyBody, caller: CallerDep, kms: KmsDep) -> Response:
+    dk = kms.appkeys.datakey(caller, name, bits=body.bits, context=_b64(body.context, "context"))
+    return _no_store({"plaintext": _b64out(dk.plaintext.reveal()), "ciphertext": dk.ciphertext})
+
+
+# -- the tenant itself ------------------------------------------------------------------
+
+@router.get("/tenant")
+def tenant(caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    return kms.tenants.show(caller.tenant_id).public()
+
+
+def _no_store(body: dict[str, Any]) -> Response:
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,170 @@
+"""`kms`: the operators' command. Every command takes --json; errors are one line on
+stderr with a non-zero exit code. Secrets never come from argv."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from hsm import HsmError
+from kms.config import Settings, load_settings
+from kms.errors import KmsError
+from kms.service import Kms
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Ctx:
+    def __init__(self, config: Path | None):
+        self.config = config
+        self._kms: Kms | None = None
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config)
+        return self._settings
+
+    def kms(self) -> Kms:
+        if self._kms is None:
+            from cli.wiring import build_kms
+
+            self._kms = build_kms(self.settings)
+        return self._kms
+
+
+def emit(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False) if as_json else human(data))
+
+
+def command(fn: F) -> F:
+    """--json on every command, and one-line errors instead of tracebacks."""
+    @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KmsError as exc:
+            fail(f"{exc.code}: {exc}")
+        except HsmError as exc:
+            fail(f"token: {exc}")
+        except (OSError, PermissionError) as exc:
+            fail(f"{type(exc).__name__}: {exc}")
+    return wrapper  # type: ignore[return-value]
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"kms: error: {message.splitlines()[0] if message else 'failed'}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+@click.option("--config", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="TOML configuration file (environment KMS_* overrides it)")
+@click.pass_context
+def main(ctx: click.Context, config: Path | None) -> None:
+    """Tenant KMS: operators' command."""
+    ctx.obj = Ctx(config)
+
+
+@main.command()
+@command
+@click.pass_obj
+def init(obj: Ctx, as_json: bool) -> None:
+    """Create the data directory and schema, check the token, create service keys."""
+    kms = obj.kms()
+    keys = kms.initialize()
+    info = kms.hsm.token_info()
+    data = {"home": str(obj.settings.home_dir), "token": info.label, "serial": info.serial,
+            "service_keys": sorted(keys)}
+    emit(data, as_json, lambda d: f"initialised {d['home']} (token {d['token']}, "
+                                  f"serial {d['serial']})")
+
+
+@main.command()
+@click.option("--host", default=None, help="tenant API address (default 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="tenant API port (default 8443)")
+@click.option("--admin-port", type=int, default=None, help="admin API port (default 8444)")
+@command
+@click.pass_obj
+def serve(obj: Ctx, host: str | None, port: int | None, admin_port: int | None,
+          as_json: bool) -> None:
+    """Run the tenant API."""
+    from cli.serve import run_server
+
+    obj._settings = load_settings(obj.config, host=host, port=port, admin_port=admin_port)
+    run_server(obj.settings, obj.kms())
+
+
+@main.group()
+def tenant() -> None:
+    """Tenants."""
+
+
+def _tenant_line(d: dict[str, Any]) -> str:
+    return f"{d['id']}\t{d['status']}\t{d['name']}"
+
+
+@tenant.command("create")
+@click.argument("name")
+@command
+@click.pass_obj
+def tenant_create(obj: Ctx, name: str, as_json: bool) -> None:
+    """Create a tenant (and its first KEK in the token)."""
+    t = obj.kms().tenants.create(name)
+    emit({"id": t.id, "name": t.name, "status": t.status}, as_json, _tenant_line)
+
+
+@tenant.command("list")
+@command
+@click.pass_obj
+def tenant_list(obj: Ctx, as_json: bool) -> None:
+    """List tenants."""
+    rows = [{"id": t.id, "name": t.name, "status": t.status,
+             "created_at": t.created_at.isoformat()} for t in obj.kms().tenants.list()]
+    emit(rows, as_json, lambda rs: "\n".join(_tenant_line(r) for r in rs) or "(no tenants)")
+
+
+@tenant.command("show")
+@click.argument("tenant_id")
+@command
+@click.pass_obj
+def tenant_show(obj: Ctx, tenant_id: str, as_json: bool) -> None:
+    """Show one tenant."""
+    kms = obj.kms()
+    t = kms.tenants.show(tenant_id)
+    data = {"id": t.id, "name": t.name, "status": t.status,
+            "created_at": t.created_at.isoformat(),
+            "principals": kms.principals.list_for_tenant(t.id)}
+    emit(data, as_json, lambda d: json.dumps(d, indent=2, ensure_ascii=False))
+
+
+@main.group()
+def principal() -> None:
+    """Tenant principals (bearer tokens)."""
+
+
+@principal.command("create")
+@click.option("--tenant", "tenant_id", required=True)
+@click.option("--role", required=True, type=click.Choice(["tenant-admin", "hypervisor", "app"]))
+@click.option("--name", required=True)
+@command
+@click.pass_obj
+def principal_create(obj: Ctx, tenant_id: str, role: str, name: str, as_json: bool) -> None:
+    """Create a principal; its token is printed once and never stored."""
+    issued = obj.kms().principals.create(tenant_id=tenant_id, role=role, name=name)
+    data = {"id": issued.principal_id, "tenant": issued.tenant_id, "role": issued.role,
+            "token": issued.token}
+    emit(data, as_json, lambda d: f"principal {d['id']} ({d['role']})\n"
+                                  f"token (shown once): {d['token']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Composition root: builds the concrete adapters from settings."""
+
+from __future__ import annotations
+
+import os
+
+from hsm import Pkcs11Hsm
+from kms.clock import Clock, SystemClock
+from kms.config import Settings
+from kms.db import Database
+from kms.service import Kms, read_secret_file
+
+
+def build_kms(settings: Settings, *, clock: Clock | None = None) -> Kms:
+    """Open the database and the token adapter (lazily: nothing touches the token yet)."""
+    home = settings.home_dir
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if "SOFTHSM2_CONF" not in os.environ and settings.softhsm_conf.exists():
+        # SoftHSM reads its configuration location from the environment at C_Initialize.
+        os.environ["SOFTHSM2_CONF"] = str(settings.softhsm_conf)
+    pin_file = settings.effective_pin_file
+    hsm = Pkcs11Hsm(module_path=settings.effective_pkcs11_module,
+                    token_label=settings.hsm_token_label,
+                    pin_reader=lambda: read_secret_file(pin_file))
+    db = Database(settings.effective_database_url)
+    return Kms(db=db, hsm=hsm, clock=clock or SystemClock(),
+               key_cache_size=settings.key_cache_size)

@@ -1,0 +1,461 @@
+"""The PKCS#11 adapter: one logged-in session per process, every call serialized.
+
+Facts that shape this module (SoftHSM 2.6.1, python-pkcs11 0.10, see DESIGN.md):
+concurrent calls into the token crash the process, so every call holds one
+process-wide lock; AES-GCM exists only through C_Encrypt/C_Decrypt with a caller-made
+IV; CKM_ECDSA signs a digest we compute ourselves.
+
+Keys are found by their random CKA_ID, never by label. Handles live only as long as the
+session that produced them: a re-initialisation drops every cached handle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pkcs11
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11e
+from pkcs11.mechanisms import GCMParams
+from pkcs11.util.ec import encode_ec_public_key, encode_ecdsa_signature, encode_named_curve_parameters
+
+from hsm.errors import (
+    HsmAmbiguousKey,
+    HsmDecryptFailed,
+    HsmDestroyUnconfirmed,
+    HsmError,
+    HsmKeyNotFound,
+    HsmLoginFailed,
+    HsmMechanismMissing,
+    HsmUnavailable,
+)
+
+T = TypeVar("T")
+
+GCM_IV_BYTES = 12
+GCM_TAG_BITS = 128
+CKA_ID_BYTES = 16
+
+# Errors after which the session (or the whole library) is re-initialised.
+_SESSION_LOST: tuple[type[Exception], ...] = (
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.DeviceError,
+    p11e.DeviceRemoved,
+    p11e.DeviceMemory,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.UserNotLoggedIn,
+    p11e.ObjectHandleInvalid,
+    p11e.KeyHandleInvalid,
+)
+
+_REQUIRED_MECHANISMS = (
+    Mechanism.AES_KEY_GEN,
+    Mechanism.AES_GCM,
+    Mechanism.GENERIC_SECRET_KEY_GEN,
+    Mechanism.SHA256_HMAC,
+    Mechanism.EC_KEY_PAIR_GEN,
+    Mechanism.ECDSA,
+)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    manufacturer: str
+    model: str
+    serial: str
+    label: str
+
+
+@dataclass(frozen=True)
+class TokenObject:
+    cka_id: bytes
+    label: str
+    object_class: str
+
+
+class _LibState:
+    """The loaded module, shared by every adapter of this process, re-made after fork."""
+
+    lock = threading.RLock()
+    libs: dict[str, tuple[Any, int, int]] = {}  # path -> (lib, pid, generation)
+
+    @classmethod
+    def get(cls, path: str) -> tuple[Any, int]:
+        with cls.lock:
+            entry = cls.libs.get(path)
+            if entry is None:
+                lib = pkcs11.lib(path)
+                cls.libs[path] = (lib, os.getpid(), 1)
+                return lib, 1
+            lib, pid, gen = entry
+            if pid != os.getpid():
+                _reinitialize(lib)
+                cls.libs[path] = (lib, os.getpid(), gen + 1)
+                return lib, gen + 1
+            return lib, gen
+
+    @classmethod
+    def reset(cls, path: str, seen_generation: int) -> None:
+        """Finalize and re-initialize the module, unless another adapter already did."""
+        with cls.lock:
+            entry = cls.libs.get(path)
+            if entry is None or entry[2] != seen_generation:
+                return
+            lib, _pid, gen = entry
+            _reinitialize(lib)
+            cls.libs[path] = (lib, os.getpid(), gen + 1)
+
+
+def _reinitialize(lib: Any) -> None:
+    try:
+        lib.reinitialize()
+    except p11e.PKCS11Error:
+        lib.initialize()
+
+
+class Pkcs11Hsm:
+    """A PKCS#11 token reached through one serialized, logged-in session.
+
+    Every public method may raise `HsmUnavailable` (after one transparent re-initialise
+    and retry for idempotent calls) and never returns or logs key material.
+    """
+
+    def __init__(self, *, module_path: str, token_label: str, pin_reader: Callable[[], str]):
+        self._module_path = module_path
+        self._token_label = token_label
+        self._pin_reader = pin_reader
+        self._lock = threading.RLock()
+        self._session: Any = None
+        self._token: Any = None
+        self._pid: int | None = None
+        self._generation = 0
+        self._handles: dict[tuple[bytes, int], Any] = {}
+
+    def __repr__(self) -> str:
+        return f"Pkcs11Hsm(module={self._module_path!r}, token={self._token_label!r})"
+
+    # -- session management -------------------------------------------------------
+
+    def _open(self) -> None:
+        lib, gen = _LibState.get(self._module_path)
+        try:
+            token = lib.get_token(token_label=self._token_label)
+        except (p11e.NoSuchToken, p11e.MultipleTokensReturned) as exc:
+            raise HsmLoginFailed(f"token {self._token_label!r} not found or not unique") from exc
+        try:
+            session = token.open(rw=True, user_pin=self._pin_reader().strip())
+        except (p11e.PinIncorrect, p11e.PinLenRange, p11e.PinInvalid, p11e.PinLocked) as exc:
+            raise HsmLoginFailed("the token refused the user PIN") from exc
+        except p11e.UserAlreadyLoggedIn:
+            # Another adapter of this process already logged the token in.
+            session = token.open(rw=True)
+        self._token, self._session, self._generation = token, session, gen
+        self._pid = os.getpid()
+        self._handles.clear()
+
+    def _ensure_open(self) -> None:
+        if self._session is None or self._pid != os.getpid():
+            if self._pid is not None and self._pid != os.getpid():
+                self._session = None  # inherited from the parent: never touch it
+            self._open()
+
+    def _reset(self) -> None:
+        self._handles.clear()
+        self._session = None
+        _LibState.reset(self._module_path, self._generation)
+
+    def _run(self, fn: Callable[[Any], T], *, retry: bool = True) -> T:
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    self._ensure_open()
+                    return fn(self._session)
+                except HsmError:
+                    raise
+                except _SESSION_LOST as exc:
+                    self._reset()
+                    if attempt == 2 or not retry:
+                        raise HsmUnavailable("the security token is unavailable") from exc
+                except p11e.CryptokiNotInitialized as exc:
+                    self._reset()
+                    if attempt == 2 or not retry:
+                        raise HsmUnavailable("the security token is unavailable") from exc
+                except p11e.NoSuchToken as exc:
+                    self._reset()
+                    raise HsmUnavailable("the security token is unavailable") from exc
+            raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._session is not None and self._pid == os.getpid():
+                try:
+                    self._session.close()
+                except p11e.PKCS11Error:
+                    pass
+            self._session = None
+            self._handles.clear()
+
+    # -- lookups ------------------------------------------------------------------
+
+    def _find_one(self, session: Any, cka_id: bytes, object_class: ObjectClass) -> Any:
+        cached = self._handles.get((cka_id, int(object_class)))
+        if cached is not None:
+            return cached
+        found = list(session.get_objects({Attribute.ID: cka_id, Attribute.CLASS: object_class}))
+        if not found:
+            raise HsmKeyNotFound(f"no {object_class.name} with CKA_ID {cka_id.hex()}")
+        if len(found) > 1:
+            raise HsmAmbiguousKey(f"{len(found)} objects share CKA_ID {cka_id.hex()}")
+        self._handles[(cka_id, int(object_class))] = found[0]
+        return found[0]
+
+    def token_info(self) -> TokenInfo:
+        def op(_s: Any) -> TokenInfo:
+            t = self._token
+            serial = t.serial.decode() if isinstance(t.serial, bytes) else str(t.serial)
+            return TokenInfo(t.manufacturer_id.strip(), t.model.strip(), serial.strip(),
+                             t.label.strip())
+
+        return self._run(op)
+
+    def find_objects(self, *, cka_id: bytes | None = None,
+                     label_prefix: str | None = None) -> list[TokenObject]:
+        """A fresh search of the token: objects with this CKA_ID and/or label prefix."""
+        if cka_id is None and label_prefix is None:
+            raise ValueError("give cka_id, label_prefix or both")
+
+        def op(session: Any) -> list[TokenObject]:
+            attrs = {Attribute.ID: cka_id} if cka_id is not None else {}
+            out = []
+            for obj in list(session.get_objects(attrs)):
+                label = obj[Attribute.LABEL] or ""
+                if label_prefix is not None and not label.startswith(label_prefix):
+                    continue
+                out.append(TokenObject(bytes(obj[Attribute.ID] or b""), label,
+                                       ObjectClass(obj[Attribute.CLASS]).name))
+            return out
+
+        return self._run(op)
+
+    def key_attributes(self, cka_id: bytes) -> dict[str, bool]:
+        """Boolean attributes of a secret key, read back from the token (for audits)."""
+        names = ("TOKEN", "PRIVATE", "SENSITIVE", "EXTRACTABLE", "ALWAYS_SENSITIVE",
+                 "NEVER_EXTRACTABLE", "ENCRYPT", "DECRYPT", "WRAP", "UNWRAP", "SIGN",
+                 "VERIFY", "DERIVE")
+
+        def op(session: Any) -> dict[str, bool]:
+            key = self._find_one(session, cka_id, ObjectClass.SECRET_KEY)
+            return {n: bool(key[getattr(Attribute, n)]) for n in names}
+
+        return self._run(op)
+
+    # -- key generation (never retried: a retry could create a second object) -------
+
+    def generate_aes_kek(self, *, label: str) -> bytes:
+        """Create an AES-256 KEK: sensitive, non-extractable, encrypt/decrypt only."""
+        cka_id = os.urandom(CKA_ID_BYTES)
+        template = _secret_template(encrypt=True)
+
+        def op(session: Any) -> bytes:
+            session.generate_key(KeyType.AES, 256, id=cka_id, label=label, store=True,
+                                 mechanism=Mechanism.AES_KEY_GEN, template=template)
+            return cka_id
+
+        return self._run(op, retry=False)
+
+    def generate_hmac_key(self, *, label: str) -> bytes:
+        """Create a 256-bit generic secret for CKM_SHA256_HMAC (sign/verify only)."""
+        cka_id = os.urandom(CKA_ID_BYTES)
+        template = _secret_template(sign=True)
+
+        def op(session: Any) -> bytes:
+            session.generate_key(KeyType.GENERIC_SECRET, 256, id=cka_id, label=label, store=True,
+                                 mechanism=Mechanism.GENERIC_SECRET_KEY_GEN, template=template)
+            return cka_id
+
+        return self._run(op, retry=False)
+
+    def generate_signing_key(self, *, label: str) -> bytes:
+        """Create an ECDSA P-256 key pair; the private half is sensitive, non-extractable."""
+        cka_id = os.urandom(CKA_ID_BYTES)
+
+        def op(session: Any) -> bytes:
+            params = session.create_domain_parameters(
+                KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                local=True)
+            params.generate_keypair(
+                id=cka_id, label=label, store=True, mechanism=Mechanism.EC_KEY_PAIR_GEN,
+                public_template={Attribute.VERIFY: True, Attribute.ENCRYPT: False,
+                                 Attribute.WRAP: False, Attribute.DERIVE: False},
+                private_template={Attribute.SIGN: True, Attribute.SENSITIVE: True,
+                                  Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True,
+                                  Attribute.DECRYPT: False, Attribute.UNWRAP: False,
+                                  Attribute.DERIVE: False})
+            return cka_id
+
+        return self._run(op, retry=False)
+
+    # -- cryptographic operations ---------------------------------------------------
+
+    def gcm_encrypt(self, cka_id: bytes, plaintext: bytes, *, iv: bytes, aad: bytes) -> bytes:
+        """AES-256-GCM inside the token; returns ciphertext || 16-byte tag."""
+        _check_iv(iv)
+
+        def op(session: Any) -> bytes:
+            key = self._find_one(session, cka_id, ObjectClass.SECRET_KEY)
+            return bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                                     mechanism_param=GCMParams(iv, aad, GCM_TAG_BITS)))
+
+        return self._run(op)
+
+    def gcm_decrypt(self, cka_id: bytes, ciphertext: bytes, *, iv: bytes, aad: bytes) -> bytes:
+        """AES-256-GCM inside the token. Raises HsmDecryptFailed on any tag mismatch."""
+        _check_iv(iv)
+        if len(ciphertext) < GCM_TAG_BITS // 8:
+            raise HsmDecryptFailed("ciphertext shorter than the tag")
+
+        def op(session: Any) -> bytes:
+            key = self._find_one(session, cka_id, ObjectClass.SECRET_KEY)
+            try:
+                return bytes(key.decrypt(ciphertext, mechanism=Mechanism.AES_GCM,
+                                         mechanism_param=GCMParams(iv, aad, GCM_TAG_BITS)))
+            except (p11e.GeneralError, p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange,
+                    p11e.FunctionFailed) as exc:
+                # SoftHSM reports a bad GCM tag as CKR_GENERAL_ERROR.
+                raise HsmDecryptFailed("AES-GCM authentication failed") from exc
+
+        return self._run(op)
+
+    def hmac_sha256(self, cka_id: bytes, data: bytes) -> bytes:
+        def op(session: Any) -> bytes:
+            key = self._find_one(session, cka_id, ObjectClass.SECRET_KEY)
+            return bytes(key.sign(data, mechanism=Mechanism.SHA256_HMAC))
+
+        return self._run(op)
+
+    def sign_p256(self, cka_id: bytes, data: bytes) -> bytes:
+        """ECDSA P-256 over SHA-256(data); returns a DER signature that OpenSSL verifies."""
+        digest = hashlib.sha256(data).digest()
+
+        def op(session: Any) -> bytes:
+            key = self._find_one(session, cka_id, ObjectClass.PRIVATE_KEY)
+            return bytes(encode_ecdsa_signature(key.sign(digest, mechanism=Mechanism.ECDSA)))
+
+        return self._run(op)
+
+    def public_key_der(self, cka_id: bytes) -> bytes:
+        """SubjectPublicKeyInfo (DER) of a P-256 key pair."""
+        def op(session: Any) -> bytes:
+            return bytes(encode_ec_public_key(
+                self._find_one(session, cka_id, ObjectClass.PUBLIC_KEY)))
+
+        return self._run(op)
+
+    # -- destruction ----------------------------------------------------------------
+
+    def destroy(self, cka_id: bytes) -> None:
+        """Destroy every object with this CKA_ID, then confirm by a fresh search.
+
+        Raises HsmDestroyUnconfirmed if the token refuses or anything remains. Destroying
+        an id that is already absent succeeds (idempotent)."""
+        def op(session: Any) -> None:
+            for obj in list(session.get_objects({Attribute.ID: cka_id})):
+                try:
+                    obj.destroy()
+                except (p11e.ActionProhibited, p11e.GeneralError, p11e.FunctionFailed,
+                        p11e.DeviceMemory, p11e.TokenWriteProtected) as exc:
+                    raise HsmDestroyUnconfirmed(
+                        f"the token refused to destroy {cka_id.hex()}") from exc
+            self._handles = {k: v for k, v in self._handles.items() if k[0] != cka_id}
+
+        self._run(op)
+        self._confirm_absent(cka_id=cka_id)
+
+    def destroy_by_label_prefix(self, label_prefix: str) -> list[bytes]:
+        """Destroy every object whose label starts with the prefix (catches orphans)."""
+        ids = sorted({o.cka_id for o in self.find_objects(label_prefix=label_prefix)})
+        for cka_id in ids:
+            self.destroy(cka_id)
+        self._confirm_absent(label_prefix=label_prefix)
+        return ids
+
+    def _confirm_absent(self, *, cka_id: bytes | None = None,
+                        label_prefix: str | None = None) -> None:
+        with self._lock:
+            # A fresh session, so nothing cached can answer for the token.
+            self.close()
+            remaining = self.find_objects(cka_id=cka_id, label_prefix=label_prefix)
+        if remaining:
+            raise HsmDestroyUnconfirmed(f"{len(remaining)} object(s) still present after destroy")
+
+    # -- start-up self-test ---------------------------------------------------------
+
+    def self_test(self) -> None:
+        """Check every mechanism the service needs, with session objects that vanish
+        with the session. Raises HsmMechanismMissing; never falls back silently."""
+        def op(session: Any) -> None:
+            available = set(self._token.slot.get_mechanisms())
+            missing = [m.name for m in _REQUIRED_MECHANISMS if m not in available]
+            if missing:
+                raise HsmMechanismMissing(f"token lacks mechanisms: {', '.join(missing)}")
+            try:
+                _exercise_mechanisms(session)
+            except HsmError:
+                raise
+            except p11e.PKCS11Error as exc:
+                raise HsmMechanismMissing(f"self-test failed: {type(exc).__name__}") from exc
+
+        self._run(op)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the adapter lock across several calls (fault-injection tests use it)."""
+        with self._lock:
+            yield
+
+
+def _secret_template(*, encrypt: bool = False, sign: bool = False) -> dict[Attribute, bool]:
+    return {
+        Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False, Attribute.MODIFIABLE: False,
+        Attribute.ENCRYPT: encrypt, Attribute.DECRYPT: encrypt,
+        Attribute.SIGN: sign, Attribute.VERIFY: sign,
+        Attribute.WRAP: False, Attribute.UNWRAP: False, Attribute.DERIVE: False,
+    }
+
+
+def _check_iv(iv: bytes) -> None:
+    if len(iv) != GCM_IV_BYTES:
+        raise ValueError("AES-GCM IV must be 96 bits")
+
+
+def _exercise_mechanisms(session: Any) -> None:
+    aes = session.generate_key(KeyType.AES, 256, store=False, mechanism=Mechanism.AES_KEY_GEN,
+                               template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
+    iv = os.urandom(GCM_IV_BYTES)
+    params = GCMParams(iv, b"self-test", GCM_TAG_BITS)
+    ct = aes.encrypt(b"self-test", mechanism=Mechanism.AES_GCM, mechanism_param=params)
+    if aes.decrypt(ct, mechanism=Mechanism.AES_GCM, mechanism_param=params) != b"self-test":
+        raise HsmMechanismMissing("AES-GCM round trip failed")
+    mac = session.generate_key(KeyType.GENERIC_SECRET, 256, store=False,
+                               mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+                               template={Attribute.SIGN: True, Attribute.VERIFY: True})
+    if len(mac.sign(b"self-test", mechanism=Mechanism.SHA256_HMAC)) != 32:
+        raise HsmMechanismMissing("HMAC-SHA256 output has the wrong length")
+    ecp = session.create_domain_parameters(
+        KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+    pub, priv = ecp.generate_keypair(store=False, mechanism=Mechanism.EC_KEY_PAIR_GEN)
+    digest = hashlib.sha256(b"self-test").digest()
+    sig = priv.sign(digest, mechanism=Mechanism.ECDSA)
+    if not pub.verify(digest, sig, mechanism=Mechanism.ECDSA):
+        raise HsmMechanismMissing("ECDSA P-256 signature did not verify")
+    for obj in (aes, mac, pub, priv):
+        obj.destroy()

@@ -1,0 +1,76 @@
+"""Application encryption: AES-256-GCM in process, under one version of an app key.
+
+Ciphertext string (format owned by this module):
+
+    kms:v<version>:<standard base64 of nonce (12 bytes) || ciphertext || tag (16 bytes)>
+
+AAD = "kms-app:v1" followed by three length-prefixed fields: key name, version, and the
+caller's context (empty when none). Every failure to open a ciphertext, whatever its
+cause (format, unknown version, tag), is one opaque `DecryptionFailed`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kms.errors import DecryptionFailed
+
+NONCE_BYTES = 12
+TAG_BYTES = 16
+KEY_BYTES = 32
+_PREFIX = re.compile(r"kms:v([1-9][0-9]{0,9}):([A-Za-z0-9+/=]+)")
+
+
+@dataclass(frozen=True)
+class ParsedCiphertext:
+    version: int
+    nonce: bytes
+    sealed: bytes  # ciphertext || tag
+
+
+def app_aad(*, key_name: str, version: int, context: bytes) -> bytes:
+    parts = [key_name.encode(), str(version).encode(), context]
+    return b"kms-app:v1" + b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def seal(aead: AESGCM, plaintext: bytes, *, aad: bytes, nonce: bytes | None = None) -> bytes:
+    """Return nonce || ciphertext || tag. `nonce` is injectable for test vectors only."""
+    nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
+    if len(nonce) != NONCE_BYTES:
+        raise ValueError("nonce must be 96 bits")
+    return nonce + aead.encrypt(nonce, plaintext, aad)
+
+
+def open_sealed(aead: AESGCM, blob: bytes, *, aad: bytes) -> bytes:
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        raise DecryptionFailed()
+    try:
+        return aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise DecryptionFailed() from None
+
+
+def format_ciphertext(version: int, blob: bytes) -> str:
+    return f"kms:v{version}:{base64.b64encode(blob).decode()}"
+
+
+def parse_ciphertext(text: str) -> tuple[int, bytes]:
+    """Return (version, nonce || ciphertext || tag); DecryptionFailed for anything else."""
+    m = _PREFIX.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        raise DecryptionFailed()
+    try:
+        blob = base64.b64decode(m.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        raise DecryptionFailed() from None
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        raise DecryptionFailed()
+    return int(m.group(1)), blob

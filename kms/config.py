@@ -1,0 +1,114 @@
+"""Configuration: environment variables `KMS_*` or a TOML file (`--config kms.toml`).
+
+Nothing is read at import time; composition roots call `load_settings()`.
+Secrets are never settings values: only paths to files that hold them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kms.errors import InvalidConfiguration
+
+MIN_NOTICE_DAYS = 21
+_SOFTHSM_CANDIDATES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KMS_", extra="forbid")
+
+    home: Path = Field(default=Path("var"), description="data directory")
+    database_url: str | None = None
+    pkcs11_module: str | None = None
+    hsm_token_label: str = "kms"
+    hsm_pin_file: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=1, le=65535)
+    admin_port: int = Field(default=8444, ge=1, le=65535)
+    max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    notice_days: int = MIN_NOTICE_DAYS
+    key_cache_size: int = Field(default=10_000, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("notice_days")
+    @classmethod
+    def _notice_upward_only(cls, v: int) -> int:
+        if v < MIN_NOTICE_DAYS:
+            raise ValueError(f"notice_days may only be raised above {MIN_NOTICE_DAYS}")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file given with --config.
+        return (env_settings, init_settings)
+
+    # -- derived paths --------------------------------------------------------------
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.resolve()
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'kms.sqlite3'}"
+
+    @property
+    def effective_pin_file(self) -> Path:
+        return self.hsm_pin_file or self.home_dir / "secrets" / "user.pin"
+
+    @property
+    def softhsm_conf(self) -> Path:
+        return self.home_dir / "softhsm" / "softhsm2.conf"
+
+    @property
+    def effective_pkcs11_module(self) -> str:
+        if self.pkcs11_module:
+            return self.pkcs11_module
+        for candidate in _SOFTHSM_CANDIDATES:
+            if os.path.exists(candidate):
+                return candidate
+        raise InvalidConfiguration("no PKCS#11 module: set KMS_PKCS11_MODULE")
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from the TOML file (if any), then the environment, then overrides.
+
+    Raises InvalidConfiguration with a one-line message for any bad value."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as fh:
+                values = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidConfiguration(f"cannot read config file {config_file}: {exc}") from exc
+    try:
+        settings = Settings(**values)
+        if overrides:
+            settings = settings.model_copy(update={k: v for k, v in overrides.items()
+                                                   if v is not None})
+            Settings.model_validate(settings.model_dump())
+        return settings
+    except ValueError as exc:
+        first = exc.errors()[0] if hasattr(exc, "errors") else None
+        if first is not None:
+            loc = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+            raise InvalidConfiguration(f"invalid setting {loc}: {first.get('msg')}") from None
+        raise InvalidConfiguration(f"invalid settings: {exc}") from None

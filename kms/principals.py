@@ -1,0 +1,92 @@
+"""Tenant principals and their bearer tokens.
+
+A token is `<principal id>.<43 characters of base64url>`: 256 random bits after the dot.
+Only SHA-256 of the secret part is stored; it is compared in constant time. The token
+is returned once, at creation.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from kms.caller import ROLES, Caller
+from kms.clock import Clock
+from kms.db import Database
+from kms.errors import InvalidRequest, Unauthenticated
+from kms.models import Principal, Tenant
+from kms.tenants import ERASED, ERASING, load_tenant, require_usable
+from kms.validation import check_identifier
+
+_SECRET_BYTES = 32
+_DUMMY_DIGEST = hashlib.sha256(b"no such principal").digest()
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A new principal and its token. The token is shown once; repr hides it."""
+
+    principal_id: str
+    tenant_id: str
+    role: str
+    name: str
+    token: str
+
+    def __repr__(self) -> str:
+        return (f"IssuedToken(principal_id={self.principal_id!r}, tenant_id={self.tenant_id!r}, "
+                f"role={self.role!r}, token=<hidden>)")
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class PrincipalService:
+    def __init__(self, *, db: Database, clock: Clock):
+        self._db, self._clock = db, clock
+
+    def create(self, *, tenant_id: str, role: str, name: str) -> IssuedToken:
+        check_identifier(tenant_id, field="tenant_id")
+        check_identifier(name, field="name")
+        if role not in ROLES:
+            raise InvalidRequest(f"role must be one of {', '.join(ROLES)}", field="role")
+        secret = base64.urlsafe_b64encode(secrets.token_bytes(_SECRET_BYTES)).decode().rstrip("=")
+        principal_id = f"p-{secrets.token_hex(8)}"
+        with self._db.write() as s:
+            tenant = load_tenant(s, tenant_id)
+            if tenant.status in (ERASING, ERASED):
+                raise InvalidRequest("tenant has been erased", field="tenant_id")
+            s.add(Principal(id=principal_id, tenant_id=tenant_id, name=name, role=role,
+                            token_digest=_digest(secret), created_at=self._clock.now()))
+        return IssuedToken(principal_id, tenant_id, role, name, f"{principal_id}.{secret}")
+
+    def authenticate(self, token: str) -> Caller:
+        """Return the caller for a bearer token.
+
+        Raises Unauthenticated for any unknown, malformed or revoked token, and the tenant
+        state errors (suspended, erased) for a valid token of such a tenant."""
+        principal_id, _, secret = token.partition(".")
+        with self._db.read() as s:
+            principal = None
+            if 1 <= len(principal_id) <= 128 and secret:
+                principal = s.get(Principal, principal_id)
+            stored = principal.token_digest if principal is not None else _DUMMY_DIGEST
+            matches = hmac.compare_digest(_digest(secret), stored)
+            if principal is None or not matches or principal.revoked_at is not None:
+                raise Unauthenticated("invalid bearer token")
+            tenant = s.get(Tenant, principal.tenant_id)
+            if tenant is None:
+                raise Unauthenticated("invalid bearer token")
+            require_usable(tenant)
+            return Caller(principal.id, tenant.id, principal.role, tenant.epoch)
+
+    def list_for_tenant(self, tenant_id: str) -> list[dict[str, object]]:
+        with self._db.read() as s:
+            rows = s.scalars(select(Principal).where(Principal.tenant_id == tenant_id))
+            return [{"id": p.id, "name": p.name, "role": p.role,
+                     "revoked": p.revoked_at is not None} for p in rows]

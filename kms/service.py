@@ -1,0 +1,89 @@
+"""The KMS as one object: the services, sharing one database, one token and one clock.
+
+Built only by the composition roots (`cli.wiring`) and tests; the API receives it.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+from hsm import HsmError, HsmMechanismMissing, HsmUnavailable, Pkcs11Hsm
+from kms.appkeys import AppKeyService
+from kms.clock import Clock
+from kms.db import Database
+from kms.errors import ServiceUnavailable
+from kms.keyring import Keyring
+from kms.models import ServiceKey
+from kms.principals import PrincipalService
+from kms.tenants import TenantService
+from kms.volumes import VolumeService
+
+SERVICE_KEY_LABELS = {"audit-hmac": "kms/service/audit-hmac",
+                      "signing": "kms/service/signing"}
+
+
+class Kms:
+    def __init__(self, *, db: Database, hsm: Pkcs11Hsm, clock: Clock, key_cache_size: int = 10_000):
+        self.db, self.hsm, self.clock = db, hsm, clock
+        self.keyring = Keyring(hsm=hsm, clock=clock)
+        self.tenants = TenantService(db=db, keyring=self.keyring, clock=clock)
+        self.principals = PrincipalService(db=db, clock=clock)
+        self.volumes = VolumeService(db=db, keyring=self.keyring, clock=clock)
+        self.appkeys = AppKeyService(db=db, keyring=self.keyring, clock=clock,
+                                     cache_size=key_cache_size)
+
+    def __repr__(self) -> str:
+        return f"Kms(db={self.db!r}, hsm={self.hsm!r})"
+
+    def initialize(self) -> dict[str, str]:
+        """Idempotent `kms init`: schema, token self-test, service keys.
+
+        Returns {purpose: CKA_ID hex} of the service keys. Raises HsmMechanismMissing if
+        the token lacks a mechanism, ServiceUnavailable if it cannot be reached."""
+        self.db.create_schema()
+        self.self_test()
+        out: dict[str, str] = {}
+        with self.db.write() as s:
+            for purpose, label in SERVICE_KEY_LABELS.items():
+                row = s.get(ServiceKey, purpose)
+                if row is None:
+                    cka_id = (self.hsm.generate_hmac_key(label=label) if purpose == "audit-hmac"
+                              else self.hsm.generate_signing_key(label=label))
+                    row = ServiceKey(purpose=purpose, cka_id=cka_id.hex(), label=label,
+                                     created_at=self.clock.now())
+                    s.add(row)
+                out[purpose] = row.cka_id
+        return out
+
+    def self_test(self) -> None:
+        try:
+            self.hsm.self_test()
+        except HsmUnavailable as exc:
+            raise ServiceUnavailable("the security token is unavailable") from exc
+        except HsmMechanismMissing:
+            raise
+
+    def ready(self) -> dict[str, bool]:
+        token_ok = True
+        try:
+            self.hsm.token_info()
+        except HsmError:
+            token_ok = False
+        return {"token": token_ok, "database": self.db.ping()}
+
+    def now(self) -> datetime:
+        return self.clock.now()
+
+    def close(self) -> None:
+        self.hsm.close()
+        self.db.dispose()
+
+
+def read_secret_file(path: os.PathLike[str] | str) -> str:
+    """Read a PIN/secret file; refuse one readable by group or others."""
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise PermissionError(f"{path} must not be readable by group or others (chmod 600)")
+    with open(path, encoding="utf-8") as fh:
+        return fh.read().strip()

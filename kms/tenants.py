@@ -1,0 +1,91 @@
+"""Tenants: creation (with their first KEK in the token), listing, state checks."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from kms.clock import Clock
+from kms.db import Database
+from kms.errors import AlreadyExists, NotFound, TenantErased, TenantInNotice, TenantSuspended
+from kms.keyring import Keyring
+from kms.models import Tenant
+from kms.validation import check_identifier, normalize_tenant_name
+
+ACTIVE, SUSPENDED, NOTICE, ERASING, ERASED = "active", "suspended", "notice", "erasing", "erased"
+
+
+@dataclass(frozen=True)
+class TenantView:
+    id: str
+    name: str
+    status: str
+    created_at: datetime
+
+    def public(self) -> dict[str, object]:
+        return {"id": self.id, "name": self.name, "status": self.status, "notice": None}
+
+
+def _view(t: Tenant) -> TenantView:
+    return TenantView(t.id, t.name, t.status, t.created_at)
+
+
+def require_usable(tenant: Tenant) -> None:
+    """Existing keys work in `active` and `notice` (reversibility, 19.1 g)."""
+    if tenant.status == SUSPENDED:
+        raise TenantSuspended("tenant is suspended")
+    if tenant.status in (ERASING, ERASED):
+        raise TenantErased("tenant has been erased")
+
+
+def require_can_create(tenant: Tenant) -> None:
+    require_usable(tenant)
+    if tenant.status == NOTICE:
+        raise TenantInNotice("tenant is under end-of-contract notice")
+
+
+def load_tenant(session: Session, tenant_id: str) -> Tenant:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound("no such tenant")
+    return tenant
+
+
+class TenantService:
+    def __init__(self, *, db: Database, keyring: Keyring, clock: Clock):
+        self._db, self._keyring, self._clock = db, keyring, clock
+
+    def create(self, name: str) -> TenantView:
+        """Create an active tenant with KEK generation 1 in the token.
+
+        Raises InvalidRequest for a bad name, AlreadyExists for a name taken (after NFC
+        normalisation and case folding)."""
+        display, key = normalize_tenant_name(name)
+        now = self._clock.now()
+        tenant_id = f"t-{secrets.token_hex(8)}"
+        try:
+            with self._db.write() as s:
+                if s.scalars(select(Tenant.id).where(Tenant.name_key == key)).first():
+                    raise AlreadyExists("a tenant with this name exists", what="tenant")
+                tenant = Tenant(id=tenant_id, name=display, name_key=key, status=ACTIVE, epoch=1,
+                                created_at=now, updated_at=now)
+                s.add(tenant)
+                s.flush()
+                self._keyring.create_kek(s, tenant_id=tenant_id, generation=1)
+                return _view(tenant)
+        except IntegrityError as exc:
+            raise AlreadyExists("a tenant with this name exists", what="tenant") from exc
+
+    def list(self) -> list[TenantView]:
+        with self._db.read() as s:
+            return [_view(t) for t in s.scalars(select(Tenant).order_by(Tenant.created_at))]
+
+    def show(self, tenant_id: str) -> TenantView:
+        check_identifier(tenant_id, field="tenant_id")
+        with self._db.read() as s:
+            return _view(load_tenant(s, tenant_id))

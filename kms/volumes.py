@@ -1,0 +1,124 @@
+"""Volume keys for storage hypervisors (LUKS, dm-crypt, QEMU-LUKS).
+
+A volume key is random bytes from the OS CSPRNG, wrapped by the tenant's KEK inside the
+token; only the wrapped blob is stored. Fetching the key unwraps it for the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from kms.caller import ROLE_HYPERVISOR, Caller
+from kms.clock import Clock
+from kms.db import Database
+from kms.errors import AlreadyExists, InvalidRequest, NotFound
+from kms.keyring import KeyPlace, Keyring
+from kms.models import Volume
+from kms.secret import SecretBytes
+from kms.tenants import load_tenant, require_can_create, require_usable
+from kms.validation import check_identifier
+
+log = logging.getLogger("kms.volumes")
+
+# cipher -> allowed key sizes in bits (XTS uses two keys: 512 bits = AES-256-XTS)
+CIPHERS: dict[str, tuple[int, ...]] = {"aes-xts-plain64": (256, 512)}
+
+
+@dataclass(frozen=True)
+class VolumeView:
+    volume_id: str
+    cipher: str
+    key_bits: int
+    created_at: datetime
+
+    def public(self) -> dict[str, object]:
+        return {"volume_id": self.volume_id, "cipher": self.cipher, "key_bits": self.key_bits,
+                "created_at": self.created_at.isoformat()}
+
+
+@dataclass(frozen=True)
+class VolumeKey:
+    volume_id: str
+    cipher: str
+    key_bits: int
+    key: SecretBytes
+
+
+def _place(tenant_id: str, volume_id: str) -> KeyPlace:
+    return KeyPlace(tenant_id, "volume", volume_id, 1)
+
+
+def _view(v: Volume) -> VolumeView:
+    return VolumeView(v.volume_id, v.cipher, v.key_bits, v.created_at)
+
+
+class VolumeService:
+    def __init__(self, *, db: Database, keyring: Keyring, clock: Clock):
+        self._db, self._keyring, self._clock = db, keyring, clock
+
+    def create(self, caller: Caller, *, volume_id: str, cipher: str, key_bits: int) -> VolumeView:
+        """Create a volume and its key. Raises AlreadyExists if the id is taken."""
+        caller.require(ROLE_HYPERVISOR)
+        check_identifier(volume_id, field="volume_id")
+        if cipher not in CIPHERS:
+            raise InvalidRequest(f"cipher must be one of {', '.join(CIPHERS)}", field="cipher")
+        if key_bits not in CIPHERS[cipher]:
+            raise InvalidRequest("key_bits not allowed for this cipher", field="key_bits")
+        key = os.urandom(key_bits // 8)
+        try:
+            with self._db.write() as s:
+                require_can_create(load_tenant(s, caller.tenant_id))
+                if s.get(Volume, (caller.tenant_id, volume_id)) is not None:
+                    raise AlreadyExists("volume exists", what="volume")
+                kek = self._keyring.current_kek(s, caller.tenant_id)
+                wrapped = self._keyring.wrap(kek, _place(caller.tenant_id, volume_id), key)
+                volume = Volume(tenant_id=caller.tenant_id, volume_id=volume_id, cipher=cipher,
+                                key_bits=key_bits, kek_generation=kek.generation,
+                                wrapped_key=wrapped, created_at=self._clock.now())
+                s.add(volume)
+                s.flush()
+                return _view(volume)
+        except IntegrityError as exc:
+            raise AlreadyExists("volume exists", what="volume") from exc
+
+    def list(self, caller: Caller) -> list[VolumeView]:
+        caller.require(ROLE_HYPERVISOR)
+        with self._db.read() as s:
+            require_usable(load_tenant(s, caller.tenant_id))
+            rows = s.scalars(select(Volume).where(Volume.tenant_id == caller.tenant_id)
+                             .order_by(Volume.created_at, Volume.volume_id))
+            return [_view(v) for v in rows]
+
+    def fetch_key(self, caller: Caller, volume_id: str) -> VolumeKey:
+        """Unwrap and return the volume key. NotFound for another tenant's volume."""
+        caller.require(ROLE_HYPERVISOR)
+        check_identifier(volume_id, field="volume_id")
+        with self._db.read() as s:
+            require_usable(load_tenant(s, caller.tenant_id))
+            volume = s.get(Volume, (caller.tenant_id, volume_id))
+            if volume is None:
+                raise NotFound("no such volume", what="volume")
+            kek = self._keyring.kek(s, caller.tenant_id, volume.kek_generation)
+            key = self._keyring.unwrap(kek, _place(caller.tenant_id, volume_id),
+                                       volume.wrapped_key)
+            log.info("volume key released", extra={"tenant": caller.tenant_id,
+                                                    "volume": volume_id,
+                                                    "principal": caller.principal_id})
+            return VolumeKey(volume.volume_id, volume.cipher, volume.key_bits, SecretBytes(key))
+
+    def delete(self, caller: Caller, volume_id: str) -> None:
+        """Delete the volume and its wrapped key at once."""
+        caller.require(ROLE_HYPERVISOR)
+        check_identifier(volume_id, field="volume_id")
+        with self._db.write() as s:
+            require_usable(load_tenant(s, caller.tenant_id))
+            volume = s.get(Volume, (caller.tenant_id, volume_id))
+            if volume is None:
+                raise NotFound("no such volume", what="volume")
+            s.delete(volume)
