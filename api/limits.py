@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.exceptions import HTTPException
+
 from api.problems import language, problem
 
 Scope = dict[str, Any]
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """An HTTPException, so that FastAPI's body parser lets it through as a 413."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=413)
 
 
 class BodySizeLimit:
@@ -33,7 +38,7 @@ class BodySizeLimit:
                 await problem("invalid_request", lang)(scope, receive, send)
                 return
             if int(declared) > self.max_bytes:
-                await problem("payload_too_large", lang, )(scope, receive, send)
+                await problem("payload_too_large", lang)(scope, receive, send)
                 return
         seen = 0
         started = False

@@ -1,0 +1,129 @@
+"""The tenant API's contract: shapes, problems in French and English, limits."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+
+def test_health_and_ready(client) -> None:  # type: ignore[no-untyped-def]
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["token"] and r.json()["database"]
+
+
+def test_volume_lifecycle(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """Create → 201 with the contract's fields; again → 409; key → 512 bits; delete → 204;
+    then the key answers 404."""
+    h = tenant.auth("hypervisor")
+    r = client.post("/v1/volumes", json={"volume_id": "vol-a", "cipher": "aes-xts-plain64",
+                                         "key_bits": 512}, headers=h)
+    assert r.status_code == 201
+    assert set(r.json()) == {"volume_id", "cipher", "key_bits", "created_at"}
+    assert r.json()["created_at"].endswith("+00:00")
+    again = client.post("/v1/volumes", json={"volume_id": "vol-a"}, headers=h)
+    assert again.status_code == 409 and again.json()["code"] == "already_exists"
+    k1 = client.post("/v1/volumes/vol-a/key", headers=h)
+    assert k1.status_code == 200 and k1.headers["cache-control"] == "no-store"
+    assert len(base64.b64decode(k1.json()["key"])) == 64
+    assert client.post("/v1/volumes/vol-a/key", headers=h).json()["key"] == k1.json()["key"]
+    small = client.post("/v1/volumes", json={"volume_id": "vol-256", "key_bits": 256}, headers=h)
+    assert small.status_code == 201
+    assert len(base64.b64decode(client.post("/v1/volumes/vol-256/key",
+                                            headers=h).json()["key"])) == 32
+    assert client.delete("/v1/volumes/vol-a", headers=h).status_code == 204
+    gone = client.post("/v1/volumes/vol-a/key", headers=h)
+    assert gone.status_code == 404 and gone.json()["code"] == "not_found"
+    assert client.delete("/v1/volumes/vol-a", headers=h).status_code == 404
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"volume_id": "a/b"}, "volume_id"),
+    ({"volume_id": "../etc"}, "volume_id"),
+    ({"volume_id": ""}, "volume_id"),
+    ({"volume_id": "x" * 129}, "volume_id"),
+    ({"volume_id": "é"}, "volume_id"),
+    ({"volume_id": "ok", "cipher": "aes-cbc"}, "cipher"),
+    ({"volume_id": "ok", "key_bits": 128}, "key_bits"),
+    ({"volume_id": "ok", "key_bits": "lots"}, "key_bits"),
+    ({"volume_id": "ok", "extra": 1}, "extra"),
+    ({}, "volume_id"),
+])
+def test_bad_volume_input_is_400_and_changes_nothing(client, tenant, body, field) -> None:  # type: ignore[no-untyped-def]
+    h = tenant.auth("hypervisor")
+    r = client.post("/v1/volumes", json=body, headers=h)
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == "invalid_request" and r.json()["field"] == field
+    assert client.get("/v1/volumes", headers=h).json()["volumes"] == []
+
+
+def test_problem_documents_french_by_default_english_on_request(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    h = tenant.auth("hypervisor")
+    fr = client.post("/v1/volumes/none/key", headers=h)
+    en = client.post("/v1/volumes/none/key", headers={**h, "Accept-Language": "en-GB,en;q=0.9"})
+    both = client.post("/v1/volumes/none/key",
+                       headers={**h, "Accept-Language": "en;q=0.5, fr;q=0.8"})
+    assert fr.headers["content-type"] == "application/problem+json"
+    for r in (fr, en, both):
+        body = r.json()
+        assert set(body) >= {"type", "title", "status", "detail", "code"}
+        assert body["status"] == 404 and body["code"] == "not_found"
+    assert fr.json()["title"] == "Introuvable" and fr.headers["content-language"] == "fr"
+    assert en.json()["title"] == "Not found" and en.headers["content-language"] == "en"
+    assert both.json()["title"] == "Introuvable"
+
+
+def test_invalid_json_and_base64_are_400(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    h = {**tenant.auth("app"), "content-type": "application/json"}
+    client.post("/v1/keys", json={"name": "b64"}, headers=tenant.auth("tenant-admin"))
+    r = client.post("/v1/keys/b64/encrypt", content=b'{"plaintext": ', headers=h)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request"
+    r = client.post("/v1/keys/b64/encrypt", json={"plaintext": "not base64!"}, headers=h)
+    assert r.status_code == 400 and r.json()["field"] == "plaintext"
+    r = client.post("/v1/keys/b64/encrypt", json={"plaintext": "aGk=", "context": "%%"},
+                    headers=h)
+    assert r.status_code == 400 and r.json()["field"] == "context"
+    r = client.post("/v1/keys/b64/encrypt", json={"plaintext": "aGk="}, headers=h)
+    assert r.status_code == 200
+
+
+def test_invalid_error_detail_never_echoes_input(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """A rejected body's content (maybe plaintext) is not reflected in the problem."""
+    marker = "SECRET-MARKER-4242"
+    r = client.post("/v1/keys/x/encrypt", json={"plaintext": 5, "note": marker},
+                    headers=tenant.auth("app"))
+    assert r.status_code == 400 and marker not in r.text
+
+
+def test_oversized_body_is_413_before_it_is_read(client, tenant, settings) -> None:  # type: ignore[no-untyped-def]
+    """Bodies over the configured limit are refused with 413, declared or streamed."""
+    h = tenant.auth("hypervisor")
+    big = b'{"volume_id":"big","pad":"' + b"a" * settings.max_request_bytes + b'"}'
+    r = client.post("/v1/volumes", content=big, headers={**h, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"volume_id":"big2","pad":"'
+        for _ in range(settings.max_request_bytes // 4096 + 2):
+            yield b"a" * 4096
+        yield b'"}'
+
+    r = client.post("/v1/volumes", content=chunks(),
+                    headers={**h, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+    assert client.get("/v1/volumes", headers=h).json()["volumes"] == []
+
+
+def test_unknown_route_and_method_are_problems(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    r = client.get("/v1/nothing", headers=tenant.auth("app"))
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+    r = client.put("/v1/volumes", headers=tenant.auth("hypervisor"))
+    assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
+
+
+def test_get_tenant(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    for role in ("tenant-admin", "hypervisor", "app"):
+        body = client.get("/v1/tenant", headers=tenant.auth(role)).json()
+        assert body == {"id": tenant.id, "name": body["name"], "status": "active",
+                        "notice": None}

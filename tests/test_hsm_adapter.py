@@ -1,0 +1,190 @@
+"""The PKCS#11 adapter against a real SoftHSM token."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from pkcs11 import Attribute, KeyType, Mechanism
+from pkcs11 import exceptions as p11e
+
+from hsm import HsmAmbiguousKey, HsmDecryptFailed, HsmKeyNotFound
+
+
+@pytest.fixture
+def hsm(kms):  # type: ignore[no-untyped-def]
+    return kms.hsm
+
+
+def test_kek_is_sensitive_and_never_extractable(hsm) -> None:  # type: ignore[no-untyped-def]
+    """A tenant KEK reads back sensitive, non-extractable, encrypt/decrypt only."""
+    kek = hsm.generate_aes_kek(label="kms/t-attr/kek/1")
+    attrs = hsm.key_attributes(kek)
+    assert attrs["TOKEN"] and attrs["PRIVATE"] and attrs["SENSITIVE"]
+    assert attrs["ALWAYS_SENSITIVE"] and attrs["NEVER_EXTRACTABLE"]
+    assert not attrs["EXTRACTABLE"]
+    assert attrs["ENCRYPT"] and attrs["DECRYPT"]
+    for capability in ("WRAP", "UNWRAP", "SIGN", "VERIFY", "DERIVE"):
+        assert not attrs[capability], capability
+    hsm.destroy(kek)
+
+
+def test_kek_value_cannot_be_read_or_wrapped_out(hsm) -> None:  # type: ignore[no-untyped-def]
+    """Reading CKA_VALUE fails, and so does wrapping the KEK under another key."""
+    kek = hsm.generate_aes_kek(label="kms/t-export/kek/1")
+
+    def try_export(session):  # type: ignore[no-untyped-def]
+        key = session.get_key(id=kek)
+        with pytest.raises(p11e.AttributeSensitive):
+            key[Attribute.VALUE]
+        wrapper = session.generate_key(KeyType.AES, 256, store=False,
+                                       mechanism=Mechanism.AES_KEY_GEN,
+                                       template={Attribute.WRAP: True})
+        with pytest.raises((p11e.KeyUnextractable, p11e.KeyNotWrappable)):
+            wrapper.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP)
+        wrapper.destroy()
+        return True
+
+    assert hsm._run(try_export)
+    hsm.destroy(kek)
+
+
+def test_gcm_round_trip_and_tamper(hsm) -> None:  # type: ignore[no-untyped-def]
+    """AES-GCM in the token authenticates IV, AAD and every byte."""
+    kek = hsm.generate_aes_kek(label="kms/t-gcm/kek/1")
+    iv = os.urandom(12)
+    sealed = hsm.gcm_encrypt(kek, b"k" * 64, iv=iv, aad=b"place")
+    assert hsm.gcm_decrypt(kek, sealed, iv=iv, aad=b"place") == b"k" * 64
+    with pytest.raises(HsmDecryptFailed):
+        hsm.gcm_decrypt(kek, sealed, iv=iv, aad=b"other")
+    with pytest.raises(HsmDecryptFailed):
+        hsm.gcm_decrypt(kek, bytes([sealed[0] ^ 1]) + sealed[1:], iv=iv, aad=b"place")
+    with pytest.raises(HsmDecryptFailed):
+        hsm.gcm_decrypt(kek, sealed, iv=bytes(12), aad=b"place")
+    with pytest.raises(ValueError):
+        hsm.gcm_encrypt(kek, b"x", iv=b"short", aad=b"")
+    hsm.destroy(kek)
+
+
+def test_destroy_is_confirmed_by_fresh_search(hsm) -> None:  # type: ignore[no-untyped-def]
+    """After destroy, neither CKA_ID nor label prefix finds the key; a second destroy is
+    a no-op and using the key fails loudly."""
+    kek = hsm.generate_aes_kek(label="kms/t-destroy/kek/1")
+    assert hsm.find_objects(cka_id=kek)
+    hsm.destroy(kek)
+    assert hsm.find_objects(cka_id=kek) == []
+    assert hsm.find_objects(label_prefix="kms/t-destroy/") == []
+    hsm.destroy(kek)
+    with pytest.raises(HsmKeyNotFound):
+        hsm.gcm_encrypt(kek, b"x", iv=os.urandom(12), aad=b"")
+
+
+def test_destroy_by_label_prefix_catches_orphans(hsm) -> None:  # type: ignore[no-untyped-def]
+    """Objects known only by label (orphans) are found and destroyed by prefix."""
+    a = hsm.generate_aes_kek(label="kms/t-orphan/kek/1")
+    b = hsm.generate_aes_kek(label="kms/t-orphan/kek/2")
+    keep = hsm.generate_aes_kek(label="kms/t-orphan2/kek/1")
+    destroyed = hsm.destroy_by_label_prefix("kms/t-orphan/")
+    assert sorted(destroyed) == sorted([a, b])
+    assert hsm.find_objects(cka_id=keep)
+    hsm.destroy(keep)
+
+
+def test_duplicate_cka_id_fails_loudly(hsm) -> None:  # type: ignore[no-untyped-def]
+    """Two objects sharing a CKA_ID are never guessed between."""
+    dup = os.urandom(16)
+
+    def make_two(session):  # type: ignore[no-untyped-def]
+        for n in (1, 2):
+            session.generate_key(KeyType.AES, 256, id=dup, label=f"kms/t-dup/kek/{n}",
+                                 store=True, mechanism=Mechanism.AES_KEY_GEN,
+                                 template={Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
+
+    hsm._run(make_two, retry=False)
+    with pytest.raises(HsmAmbiguousKey):
+        hsm.gcm_encrypt(dup, b"x", iv=os.urandom(12), aad=b"")
+    hsm.destroy(dup)
+    assert hsm.find_objects(cka_id=dup) == []
+
+
+def test_recovers_from_a_lost_session(hsm) -> None:  # type: ignore[no-untyped-def]
+    """A session closed underneath the adapter is re-opened, keys found again by CKA_ID."""
+    kek = hsm.generate_aes_kek(label="kms/t-lost/kek/1")
+    iv = os.urandom(12)
+    sealed = hsm.gcm_encrypt(kek, b"secret", iv=iv, aad=b"")
+    with hsm.exclusive():
+        hsm._session.close()  # the token forgets the session; our handle is now invalid
+    assert hsm.gcm_decrypt(kek, sealed, iv=iv, aad=b"") == b"secret"
+    hsm.destroy(kek)
+
+
+def test_works_in_a_forked_child(hsm) -> None:  # type: ignore[no-untyped-def]
+    """After fork() the child re-initialises the library instead of reusing handles."""
+    kek = hsm.generate_aes_kek(label="kms/t-fork/kek/1")
+    iv = os.urandom(12)
+    sealed = hsm.gcm_encrypt(kek, b"fork", iv=iv, aad=b"")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            ok = hsm.gcm_decrypt(kek, sealed, iv=iv, aad=b"") == b"fork"
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert hsm.gcm_decrypt(kek, sealed, iv=iv, aad=b"") == b"fork"
+    hsm.destroy(kek)
+
+
+def test_concurrent_callers_are_serialized(hsm) -> None:  # type: ignore[no-untyped-def]
+    """Eight threads calling the token at once neither crash nor corrupt results."""
+    kek = hsm.generate_aes_kek(label="kms/t-threads/kek/1")
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(100):
+                iv = os.urandom(12)
+                msg = f"{n}-{i}".encode()
+                sealed = hsm.gcm_encrypt(kek, msg, iv=iv, aad=msg)
+                assert hsm.gcm_decrypt(kek, sealed, iv=iv, aad=msg) == msg
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    hsm.destroy(kek)
+
+
+def test_self_test_and_token_info(hsm) -> None:  # type: ignore[no-untyped-def]
+    """The self-test passes on SoftHSM and leaves no object behind."""
+    before = hsm.find_objects(label_prefix="")
+    hsm.self_test()
+    assert hsm.find_objects(label_prefix="") == before
+    info = hsm.token_info()
+    assert info.label == "kms" and info.model and info.serial
+
+
+def test_signature_verifies_with_cryptography(hsm) -> None:  # type: ignore[no-untyped-def]
+    """ECDSA P-256 signatures from the token are DER and verify with the public key."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    key = hsm.generate_signing_key(label="kms/t-sign/signing")
+    sig = hsm.sign_p256(key, b"document")
+    pub = load_der_public_key(hsm.public_key_der(key))
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(sig, b"document", ec.ECDSA(hashes.SHA256()))
+    hsm.destroy(key)
+    assert hsm.find_objects(cka_id=key) == []
+
+
+def test_repr_reveals_no_pin(hsm, kms_home) -> None:  # type: ignore[no-untyped-def]
+    pin = (kms_home / "secrets" / "user.pin").read_text().strip()
+    assert pin not in repr(hsm)

@@ -1,0 +1,83 @@
+"""The token setup script and the `kms` command, run for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, SETUP_TOKEN
+
+KMS = str(Path(sys.executable).parent / "kms")
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_setup_token_is_idempotent_and_pins_are_private(tmp_path: Path) -> None:
+    """A second run changes no file; PIN files are 0600 in a 0700 directory."""
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    env["KMS_HOME"] = str(tmp_path)
+    subprocess.run([str(SETUP_TOKEN)], env=env, check=True, capture_output=True)
+    first = _tree(tmp_path)
+    assert any(name.endswith(".token") or "tokens/" in name for name in first)
+    for pin in ("user.pin", "so.pin"):
+        mode = stat.S_IMODE((tmp_path / "secrets" / pin).stat().st_mode)
+        assert mode == 0o600, oct(mode)
+        assert len((tmp_path / "secrets" / pin).read_text().strip()) == 32
+    assert stat.S_IMODE((tmp_path / "secrets").stat().st_mode) == 0o700
+    out = subprocess.run([str(SETUP_TOKEN)], env=env, check=True, capture_output=True)
+    assert _tree(tmp_path) == first
+    assert out.stdout == b""
+
+
+def _kms(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMS_")}
+    env.update(KMS_HOME=str(home), SOFTHSM2_CONF=str(home / "softhsm" / "softhsm2.conf"))
+    return subprocess.run([KMS, *args], env=env, capture_output=True, text=True, check=check,
+                          cwd=REPO)
+
+
+def test_cli_tenant_and_principal_commands(tmp_path: Path) -> None:
+    """init, tenant create/list/show and principal create work with --json; errors are one
+    line on stderr with a non-zero exit; the token never lands in the database."""
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    subprocess.run([str(SETUP_TOKEN)], env={**env, "KMS_HOME": str(tmp_path)}, check=True,
+                   capture_output=True)
+    init = json.loads(_kms(tmp_path, "init", "--json").stdout)
+    assert init["token"] == "kms" and init["service_keys"] == ["audit-hmac", "signing"]
+    again = json.loads(_kms(tmp_path, "init", "--json").stdout)
+    assert again == init  # idempotent
+    t = json.loads(_kms(tmp_path, "tenant", "create", "Acme SA", "--json").stdout)
+    assert t["status"] == "active" and t["name"] == "Acme SA" and t["id"].startswith("t-")
+    dup = _kms(tmp_path, "tenant", "create", "ACME sa", check=False)
+    assert dup.returncode != 0 and dup.stderr.count("\n") == 1 and "already_exists" in dup.stderr
+    bad = _kms(tmp_path, "tenant", "create", " padded", check=False)
+    assert bad.returncode != 0 and "invalid_request" in bad.stderr
+    listed = json.loads(_kms(tmp_path, "tenant", "list", "--json").stdout)
+    assert [x["id"] for x in listed] == [t["id"]]
+    p = json.loads(_kms(tmp_path, "principal", "create", "--tenant", t["id"], "--role",
+                        "hypervisor", "--name", "hv1", "--json").stdout)
+    assert p["token"].startswith(p["id"] + ".") and len(p["token"]) > 40
+    shown = json.loads(_kms(tmp_path, "tenant", "show", t["id"], "--json").stdout)
+    assert shown["principals"][0]["id"] == p["id"] and "token" not in json.dumps(shown)
+    missing = _kms(tmp_path, "tenant", "show", "t-nothing", check=False)
+    assert missing.returncode != 0 and "not_found" in missing.stderr
+    nobody = _kms(tmp_path, "principal", "create", "--tenant", "t-nothing", "--role", "app",
+                  "--name", "x", check=False)
+    assert nobody.returncode != 0 and nobody.stderr.count("\n") == 1
+    db = (tmp_path / "kms.sqlite3").read_bytes()
+    secret = p["token"].split(".", 1)[1]
+    assert secret.encode() not in db
+
+
+def test_serve_refuses_a_notice_period_under_21_days(tmp_path: Path) -> None:
+    r = subprocess.run([KMS, "serve"], env={**os.environ, "KMS_HOME": str(tmp_path),
+                                            "KMS_NOTICE_DAYS": "20"},
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "notice_days" in r.stderr

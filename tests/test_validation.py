@@ -1,0 +1,65 @@
+"""Identifiers and tenant names (CLI contract)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kms.errors import InvalidRequest
+from kms.validation import check_identifier, normalize_tenant_name
+
+ALLOWED = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@given(st.text(max_size=200))
+def test_identifier_accepts_exactly_the_contract(value: str) -> None:
+    """Anything outside [A-Za-z0-9._:-]{1,128} is refused; everything inside accepted."""
+    if ALLOWED.fullmatch(value):
+        assert check_identifier(value, field="id") == value
+    else:
+        with pytest.raises(InvalidRequest):
+            check_identifier(value, field="id")
+
+
+@given(st.from_regex(ALLOWED, fullmatch=True))
+def test_identifier_accepts_valid(value: str) -> None:
+    assert check_identifier(value, field="id") == value
+
+
+@pytest.mark.parametrize("bad", ["", " ", " lead", "trail ", "a\nb", "a\x00b", "tab\there",
+                                 "zero\u200bwidth", "x" * 201, "bidi\u202e"])
+def test_bad_tenant_names_refused(bad: str) -> None:
+    with pytest.raises(InvalidRequest):
+        normalize_tenant_name(bad)
+
+
+def test_tenant_name_uniqueness_key_folds_case_and_normalisation() -> None:
+    composed = normalize_tenant_name("Société Générale")[1]
+    decomposed = normalize_tenant_name(unicodedata.normalize("NFD", "SOCIÉTÉ GÉNÉRALE"))[1]
+    assert composed == decomposed
+    assert normalize_tenant_name("Straße")[1] == normalize_tenant_name("STRASSE")[1]
+
+
+@given(st.text(min_size=1, max_size=50).filter(lambda s: s == s.strip() and s.strip()))
+def test_tenant_name_key_is_idempotent(name: str) -> None:
+    try:
+        display, key = normalize_tenant_name(name)
+    except InvalidRequest:
+        return
+    assert unicodedata.is_normalized("NFC", display)
+    assert normalize_tenant_name(display)[1] == key
+
+
+def test_duplicate_tenant_names_refused(kms) -> None:  # type: ignore[no-untyped-def]
+    """Names equal after NFC and case folding are one tenant; nothing is created twice."""
+    from kms.errors import AlreadyExists
+
+    kms.tenants.create("Crème Brûlée SAS")
+    before = len(kms.tenants.list())
+    with pytest.raises(AlreadyExists):
+        kms.tenants.create(unicodedata.normalize("NFD", "CRÈME BRÛLÉE sas"))
+    assert len(kms.tenants.list()) == before
