@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from kms.caller import Caller
+from kms.caller import ROLE_TENANT_ADMIN, Caller
 from kms.errors import InvalidRequest, Unauthenticated
 from kms.service import Kms
 
@@ -153,6 +153,14 @@ def datakey(name: str, body: DatakeyBody, caller: CallerDep, kms: KmsDep) -> Res
 @router.get("/tenant")
 def tenant(caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
     return kms.tenants.show(caller.tenant_id).public()
+
+
+@router.get("/tenant/notice")
+def tenant_notice(caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    """The signed end-of-contract notice, with the public key that verifies it."""
+    caller.require(ROLE_TENANT_ADMIN)
+    notice = kms.lifecycle.notice(caller.tenant_id)
+    return {**notice.public(), "public_key_pem": kms.service_public_key_pem()}
 
 
 def _no_store(body: dict[str, Any]) -> Response:

@@ -146,6 +146,127 @@ def tenant_show(obj: Ctx, tenant_id: str, as_json: bool) -> None:
     emit(data, as_json, lambda d: json.dumps(d, indent=2, ensure_ascii=False))
 
 
+@tenant.command("offboard")
+@click.argument("tenant_id")
+@click.option("--contract-end", default=None, metavar="YYYY-MM-DD",
+              help="last day of the contract; erasure is never before it")
+@click.option("--yes", is_flag=True, help="serve the notice without asking")
+@command
+@click.pass_obj
+def tenant_offboard(obj: Ctx, tenant_id: str, contract_end: str | None, yes: bool,
+                    as_json: bool) -> None:
+    """Serve the end-of-contract notice (at least 21 days), then erasure of every key."""
+    from kms.lifecycle import parse_contract_end
+
+    end = parse_contract_end(contract_end)
+    kms = obj.kms()
+    t = kms.tenants.show(tenant_id)
+    if not yes:
+        if not sys.stdin.isatty():
+            fail("refusing to serve a notice without --yes on a non-interactive input")
+        click.confirm(f"Serve the end-of-contract notice to {t.name} ({t.id})? All its keys "
+                      f"will be destroyed at the end of the notice", abort=True)
+    notice = kms.lifecycle.serve_notice(tenant_id, contract_end=end)
+    emit(notice.public(), as_json,
+         lambda d: f"notice {d['id']} served at {d['served_at']}; erasure due at "
+                   f"{d['effective_at']}")
+
+
+def _state_command(name: str, help_text: str, method: str) -> None:
+    @tenant.command(name, help=help_text)
+    @click.argument("tenant_id")
+    @command
+    @click.pass_obj
+    def _cmd(obj: Ctx, tenant_id: str, as_json: bool) -> None:
+        data = getattr(obj.kms().lifecycle, method)(tenant_id)
+        emit(data, as_json, lambda d: f"{d['id']}\t{d['status']}")
+
+
+_state_command("cancel-offboard", "Cancel a pending notice; the tenant is active again.",
+               "cancel_notice")
+_state_command("suspend", "Suspend a tenant: every use answers 403 until resumed.", "suspend")
+_state_command("resume", "Resume a suspended tenant.", "resume")
+
+
+@main.group()
+def erasure() -> None:
+    """End-of-contract erasure."""
+
+
+@erasure.command("run")
+@command
+@click.pass_obj
+def erasure_run(obj: Ctx, as_json: bool) -> None:
+    """Erase every tenant whose notice has expired; failures are retried next run."""
+    outcomes = [o.public() for o in obj.kms().erasure.run_due()]
+    emit(outcomes, as_json, lambda rows: "\n".join(
+        f"{r['tenant_id']}\t{r['state']}" + (f"\t{r['error']}" if r["error"] else "")
+        for r in rows) or "nothing due")
+    if any(o["state"] == "erasure_failed" for o in outcomes):
+        sys.exit(1)
+
+
+@erasure.command("status")
+@command
+@click.pass_obj
+def erasure_status(obj: Ctx, as_json: bool) -> None:
+    """Pending notices and erasures, with their state and last error."""
+    rows = obj.kms().erasure.status()
+    emit(rows, as_json, lambda rs: "\n".join(
+        f"{r['tenant_id']}\t{r['state']}\tdue {r['effective_at']}"
+        + (f"\t{r['last_error']}" if r["last_error"] else "") for r in rs) or "nothing pending")
+
+
+@erasure.command("certificate")
+@click.argument("tenant_id")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="write FILE (canonical JSON) and FILE.sig (DER signature)")
+@command
+@click.pass_obj
+def erasure_certificate(obj: Ctx, tenant_id: str, output: Path | None, as_json: bool) -> None:
+    """The signed erasure certificate of a tenant."""
+    import base64
+
+    document, signature = obj.kms().erasure.certificate(tenant_id)
+    if output is None:
+        emit({"document": document.decode(), "signature": base64.b64encode(signature).decode()},
+             as_json, lambda d: d["document"])
+        return
+    output.write_bytes(document)
+    Path(f"{output}.sig").write_bytes(signature)
+    emit({"certificate": str(output), "signature": f"{output}.sig"}, as_json,
+         lambda d: f"wrote {d['certificate']} and {d['signature']}")
+
+
+@erasure.command("verify")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@command
+@click.pass_obj
+def erasure_verify(obj: Ctx, file: Path, as_json: bool) -> None:
+    """Verify FILE against FILE.sig with the service's public key."""
+    kms = obj.kms()
+    document, signature = file.read_bytes(), Path(f"{file}.sig").read_bytes()
+    with kms.db.read() as s:
+        ok = kms.signer.verify(s, document, signature)
+    if not ok:
+        fail("signature does not verify")
+    emit({"valid": True}, as_json, lambda d: "valid signature")
+
+
+@main.group()
+def service() -> None:
+    """The service's own keys."""
+
+
+@service.command("public-key")
+@command
+@click.pass_obj
+def service_public_key(obj: Ctx, as_json: bool) -> None:
+    """Print the signing public key (PEM) that verifies notices and certificates."""
+    pem = obj.kms().service_public_key_pem()
+    emit({"public_key_pem": pem}, as_json, lambda d: d["public_key_pem"].rstrip("\n"))
+
+
 @main.group()
 def principal() -> None:
     """Tenant principals (bearer tokens)."""

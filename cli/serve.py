@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import uvicorn
 from sqlalchemy import inspect
@@ -27,7 +28,24 @@ def run_server(settings: Settings, kms: Kms) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=True, proxy_headers=False, server_header=False,
                             timeout_graceful_shutdown=5)
+    stop = threading.Event()
+    runner = threading.Thread(target=_erasure_loop, args=(kms, settings, stop),
+                              name="erasure-runner", daemon=True)
+    runner.start()
     try:
         uvicorn.Server(config).run()
     finally:
+        stop.set()
+        runner.join(timeout=10)
         kms.close()
+
+
+def _erasure_loop(kms: Kms, settings: Settings, stop: threading.Event) -> None:
+    """The periodic erasure task: the same runner as `kms erasure run`."""
+    while not stop.wait(settings.erasure_interval_seconds):
+        try:
+            for outcome in kms.erasure.run_due():
+                if outcome.state != "skipped":
+                    log.info("erasure run", extra=outcome.public())
+        except Exception as exc:  # noqa: BLE001 - the loop must survive a bad run
+            log.error("erasure run failed: %s", type(exc).__name__)

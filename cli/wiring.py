@@ -24,4 +24,4 @@ def build_kms(settings: Settings, *, clock: Clock | None = None) -> Kms:
                     pin_reader=lambda: read_secret_file(pin_file))
     db = Database(settings.effective_database_url)
     return Kms(db=db, hsm=hsm, clock=clock or SystemClock(),
-               key_cache_size=settings.key_cache_size)
+               key_cache_size=settings.key_cache_size, notice_days=settings.notice_days)

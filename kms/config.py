@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     notice_days: int = MIN_NOTICE_DAYS
     key_cache_size: int = Field(default=10_000, ge=0)
+    erasure_interval_seconds: float = Field(default=60.0, gt=0)
     log_level: str = "INFO"
 
     @field_validator("notice_days")

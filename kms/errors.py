@@ -80,3 +80,9 @@ class KeyIntegrityError(KmsError):
 
 class InvalidConfiguration(KmsError):
     code = "invalid_configuration"
+
+
+class InvalidState(KmsError):
+    """The operation does not apply to the tenant's current state."""
+
+    code = "invalid_state"

@@ -133,3 +133,49 @@ class ServiceKey(Base):
     cka_id: Mapped[str] = mapped_column(String(64), unique=True)
     label: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Notice(Base):
+    """An end-of-contract notice (19.4): the signed document and its deadline."""
+
+    __tablename__ = "notices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(128), index=True)
+    served_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    effective_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    contract_end: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    document: Mapped[bytes] = mapped_column(LargeBinary)  # canonical JSON
+    signature: Mapped[bytes] = mapped_column(LargeBinary)  # DER ECDSA P-256 / SHA-256
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class Erasure(Base):
+    """Progress of one tenant's erasure: persisted steps, a lease, the outcome."""
+
+    __tablename__ = "erasures"
+
+    tenant_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    notice_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(24), default="pending")
+    step: Mapped[str] = mapped_column(String(32), default="start")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    destroyed_ids: Mapped[str] = mapped_column(String, default="[]")  # JSON list of hex
+    deleted_counts: Mapped[str] = mapped_column(String, default="{}")  # JSON object
+    absence_check: Mapped[str | None] = mapped_column(String, nullable=True)  # JSON
+
+
+class Certificate(Base):
+    """The signed erasure certificate; at most one per tenant."""
+
+    __tablename__ = "erasure_certificates"
+
+    tenant_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    document: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

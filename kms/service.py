@@ -12,7 +12,11 @@ from hsm import HsmError, HsmMechanismMissing, HsmUnavailable, Pkcs11Hsm
 from kms.appkeys import AppKeyService
 from kms.clock import Clock
 from kms.db import Database
-from kms.errors import ServiceUnavailable
+from kms.config import MIN_NOTICE_DAYS
+from kms.erasure import ErasureRunner
+from kms.errors import InvalidConfiguration, ServiceUnavailable
+from kms.lifecycle import LifecycleService
+from kms.signing import ServiceSigner
 from kms.keyring import Keyring
 from kms.models import ServiceKey
 from kms.principals import PrincipalService
@@ -24,7 +28,10 @@ SERVICE_KEY_LABELS = {"audit-hmac": "kms/service/audit-hmac",
 
 
 class Kms:
-    def __init__(self, *, db: Database, hsm: Pkcs11Hsm, clock: Clock, key_cache_size: int = 10_000):
+    def __init__(self, *, db: Database, hsm: Pkcs11Hsm, clock: Clock, key_cache_size: int = 10_000,
+                 notice_days: int = MIN_NOTICE_DAYS):
+        if notice_days < MIN_NOTICE_DAYS:
+            raise InvalidConfiguration(f"notice_days may only be raised above {MIN_NOTICE_DAYS}")
         self.db, self.hsm, self.clock = db, hsm, clock
         self.keyring = Keyring(hsm=hsm, clock=clock)
         self.tenants = TenantService(db=db, keyring=self.keyring, clock=clock)
@@ -32,6 +39,12 @@ class Kms:
         self.volumes = VolumeService(db=db, keyring=self.keyring, clock=clock)
         self.appkeys = AppKeyService(db=db, keyring=self.keyring, clock=clock,
                                      cache_size=key_cache_size)
+        self.signer = ServiceSigner(hsm=hsm)
+        self.lifecycle = LifecycleService(db=db, signer=self.signer, clock=clock,
+                                          notice_days=notice_days,
+                                          on_state_change=self.appkeys.drop_cached)
+        self.erasure = ErasureRunner(db=db, hsm=hsm, signer=self.signer, clock=clock,
+                                     drop_cached=self.appkeys.drop_cached)
 
     def __repr__(self) -> str:
         return f"Kms(db={self.db!r}, hsm={self.hsm!r})"
@@ -55,6 +68,10 @@ class Kms:
                     s.add(row)
                 out[purpose] = row.cka_id
         return out
+
+    def service_public_key_pem(self) -> str:
+        with self.db.read() as s:
+            return self.signer.public_key_pem(s)
 
     def self_test(self) -> None:
         try:

@@ -14,7 +14,7 @@ from kms.clock import Clock
 from kms.db import Database
 from kms.errors import AlreadyExists, NotFound, TenantErased, TenantInNotice, TenantSuspended
 from kms.keyring import Keyring
-from kms.models import Tenant
+from kms.models import Notice, Tenant
 from kms.validation import check_identifier, normalize_tenant_name
 
 ACTIVE, SUSPENDED, NOTICE, ERASING, ERASED = "active", "suspended", "notice", "erasing", "erased"
@@ -26,13 +26,25 @@ class TenantView:
     name: str
     status: str
     created_at: datetime
+    notice: dict[str, str] | None = None
 
     def public(self) -> dict[str, object]:
-        return {"id": self.id, "name": self.name, "status": self.status, "notice": None}
+        return {"id": self.id, "name": self.name, "status": self.status, "notice": self.notice}
 
 
-def _view(t: Tenant) -> TenantView:
-    return TenantView(t.id, t.name, t.status, t.created_at)
+def _view(t: Tenant, notice: Notice | None = None) -> TenantView:
+    summary = None
+    if notice is not None:
+        summary = {"id": notice.id, "served_at": notice.served_at.isoformat(),
+                   "effective_at": notice.effective_at.isoformat()}
+    return TenantView(t.id, t.name, t.status, t.created_at, summary)
+
+
+def pending_notice(session: Session, tenant_id: str) -> Notice | None:
+    """The tenant's notice that has not been cancelled (kept after erasure as a record)."""
+    return session.scalars(select(Notice).where(Notice.tenant_id == tenant_id,
+                                                Notice.cancelled_at.is_(None))
+                           .order_by(Notice.served_at.desc()).limit(1)).first()
 
 
 def require_usable(tenant: Tenant) -> None:
@@ -88,4 +100,4 @@ class TenantService:
     def show(self, tenant_id: str) -> TenantView:
         check_identifier(tenant_id, field="tenant_id")
         with self._db.read() as s:
-            return _view(load_tenant(s, tenant_id))
+            return _view(load_tenant(s, tenant_id), pending_notice(s, tenant_id))
