@@ -184,13 +184,12 @@ class Pkcs11Hsm:
                     self._reset()
                     if attempt == 2 or not retry:
                         raise HsmUnavailable("the security token is unavailable") from exc
-                except p11e.CryptokiNotInitialized as exc:
+                except p11e.PKCS11Error as exc:
+                    # Anything else the binding raises (CKR_CRYPTOKI_NOT_INITIALIZED after a
+                    # finalize, a missing token, ...) is a token we cannot use right now.
                     self._reset()
-                    if attempt == 2 or not retry:
-                        raise HsmUnavailable("the security token is unavailable") from exc
-                except p11e.NoSuchToken as exc:
-                    self._reset()
-                    raise HsmUnavailable("the security token is unavailable") from exc
+                    raise HsmUnavailable(
+                        f"the security token failed: {type(exc).__name__}") from exc
             raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -370,8 +369,9 @@ class Pkcs11Hsm:
             for obj in list(session.get_objects({Attribute.ID: cka_id})):
                 try:
                     obj.destroy()
-                except (p11e.ActionProhibited, p11e.GeneralError, p11e.FunctionFailed,
-                        p11e.DeviceMemory, p11e.TokenWriteProtected) as exc:
+                except (p11e.FunctionRejected, p11e.GeneralError, p11e.FunctionFailed,
+                        p11e.DeviceMemory, p11e.TokenWriteProtected,
+                        p11e.AttributeReadOnly) as exc:
                     raise HsmDestroyUnconfirmed(
                         f"the token refused to destroy {cka_id.hex()}") from exc
             self._handles = {k: v for k, v in self._handles.items() if k[0] != cka_id}

@@ -4,8 +4,8 @@
 
 Each step's database effect and the move to the next step commit together; token
 effects (destroy) are idempotent, so a crash anywhere is completed by the next run. A
-lease on the erasure row (taken in a write transaction: BEGIN IMMEDIATE on SQLite, a row
-lock on PostgreSQL) keeps two runners off the same tenant. A tenant is marked `erased`
+named lock per tenant (flock beside SQLite, an advisory lock on PostgreSQL), which dies
+with its holder, keeps two runners off the same tenant. A tenant is marked `erased`
 only after a fresh search of the token (by CKA_ID and by label prefix) finds nothing.
 """
 
@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -28,6 +26,7 @@ from kms.clock import Clock
 from kms.db import Database
 from kms.errors import KmsError, NotFound
 from kms.keyring import tenant_label_prefix
+from kms.locks import NamedLocks
 from kms.lifecycle import notice_digest
 from kms.models import (
     AppKey,
@@ -47,7 +46,6 @@ log = logging.getLogger("kms.erasure")
 
 STEPS = ("mark_erasing", "destroy_keys", "verify_absent", "delete_data", "certify",
          "mark_erased")
-LEASE = timedelta(minutes=10)
 METHOD = {
     "fr": "destruction des clés de chiffrement (SecNumCloud 19.4 a, 11.9)",
     "en": "destruction of the encryption keys (SecNumCloud 19.4 a, 11.9)",
@@ -72,9 +70,9 @@ class ErasureRunner:
         self._drop_cached = drop_cached
         # Fault-injection seam for tests: called after each step has committed.
         self._after_step = after_step or (lambda tenant_id, step: None)
-        self.owner = f"runner-{secrets.token_hex(6)}"
+        self._locks = NamedLocks(db)
 
-    # -- selection and lease --------------------------------------------------------
+    # -- selection and claim --------------------------------------------------------
 
     def due_tenants(self) -> list[str]:
         now = self._clock.now()
@@ -91,9 +89,10 @@ class ErasureRunner:
         return [self.erase(tenant_id) for tenant_id in self.due_tenants()]
 
     def _claim(self, tenant_id: str) -> Erasure | None:
+        """Record the attempt; None if the tenant is not (or no longer) due."""
         now = self._clock.now()
         with self._db.write() as s:
-            tenant = s.get(Tenant, tenant_id, with_for_update=not self._db.is_sqlite)
+            tenant = s.get(Tenant, tenant_id)
             notice = pending_notice(s, tenant_id)
             if tenant is None or notice is None or tenant.status == ERASED \
                     or notice.effective_at > now:
@@ -103,10 +102,6 @@ class ErasureRunner:
                 job = Erasure(tenant_id=tenant_id, notice_id=notice.id, state="running",
                               step=STEPS[0], started_at=now, attempts=0)
                 s.add(job)
-            elif job.lease_owner not in (None, self.owner) and job.lease_until is not None \
-                    and job.lease_until > now:
-                return None
-            job.lease_owner, job.lease_until = self.owner, now + LEASE
             job.attempts += 1
             job.state = "running"
             s.flush()
@@ -116,6 +111,14 @@ class ErasureRunner:
     # -- the steps --------------------------------------------------------------------
 
     def erase(self, tenant_id: str) -> Outcome:
+        """Take one due tenant through the remaining steps; "skipped" if another runner
+        holds it or it is not due."""
+        with self._locks.try_lock(f"erasure:{tenant_id}") as mine:
+            if not mine:
+                return Outcome(tenant_id, "skipped")
+            return self._erase_locked(tenant_id)
+
+    def _erase_locked(self, tenant_id: str) -> Outcome:
         job = self._claim(tenant_id)
         if job is None:
             return Outcome(tenant_id, "skipped")
@@ -144,7 +147,6 @@ class ErasureRunner:
             job = s.get(Erasure, tenant_id)
             if job is not None:
                 job.state, job.last_error = "erasure_failed", reason
-                job.lease_owner = job.lease_until = None
 
     def _mark_erasing(self, tenant_id: str) -> None:
         with self._db.write() as s:
@@ -183,6 +185,14 @@ class ErasureRunner:
         found = [o for cka in searched for o in self._hsm.find_objects(cka_id=bytes.fromhex(cka))]
         found += self._hsm.find_objects(label_prefix=prefix)
         if found:
+            # Something survived a destroy that reported success: destroy again next run.
+            with self._db.write() as s:
+                job = s.get(Erasure, tenant_id)
+                assert job is not None
+                job.step = "destroy_keys"
+                for kek in s.scalars(select(Kek).where(Kek.tenant_id == tenant_id)):
+                    if any(o.cka_id.hex() == kek.cka_id for o in found):
+                        kek.state, kek.destroyed_at = "erasing", None
             raise HsmDestroyUnconfirmed(f"{len(found)} tenant object(s) remain in the token")
         check = {"result": "no object found", "searched_ids": len(searched),
                  "label_prefix": prefix, "checked_at": self._clock.now().isoformat()}
@@ -219,7 +229,6 @@ class ErasureRunner:
             tenant.updated_at = self._clock.now()
             job = self._advance(s, tenant_id, "mark_erased")
             job.state, job.finished_at, job.last_error = "done", self._clock.now(), None
-            job.lease_owner = job.lease_until = None
 
     def _certificate(self, s: Session, tenant_id: str) -> dict[str, Any]:
         tenant = s.get(Tenant, tenant_id)

@@ -151,7 +151,7 @@ class Notice(Base):
 
 
 class Erasure(Base):
-    """Progress of one tenant's erasure: persisted steps, a lease, the outcome."""
+    """Progress of one tenant's erasure: persisted steps and the outcome."""
 
     __tablename__ = "erasures"
 
@@ -163,8 +163,6 @@ class Erasure(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     destroyed_ids: Mapped[str] = mapped_column(String, default="[]")  # JSON list of hex
     deleted_counts: Mapped[str] = mapped_column(String, default="{}")  # JSON object
     absence_check: Mapped[str | None] = mapped_column(String, nullable=True)  # JSON

@@ -7,6 +7,7 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,33 @@ def new_tenant(kms) -> Callable[[], TenantCtx]:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def tenant(new_tenant) -> Iterator[TenantCtx]:  # type: ignore[no-untyped-def]
     yield new_tenant()
+
+
+T0 = datetime(2026, 1, 5, 10, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def clocked(settings, kms):  # type: ignore[no-untyped-def]
+    """A second Kms on the same token and database whose clock tests move by hand."""
+    from cli.wiring import build_kms
+    from kms.clock import FixedClock
+
+    clock = FixedClock(T0)
+    k = build_kms(settings, clock=clock)
+    yield k, clock
+    k.db.dispose()
+
+
+def populate(kms, name: str, *, volumes: int = 2, keys: int = 1):  # type: ignore[no-untyped-def]
+    """A tenant with volumes and app keys, through the services; returns
+    (tenant id, {role: Caller}, {role: token})."""
+    t = kms.tenants.create(name)
+    tokens = {role: kms.principals.create(tenant_id=t.id, role=role, name=f"{role}-1").token
+              for role in ("tenant-admin", "hypervisor", "app")}
+    callers = {role: kms.principals.authenticate(tok) for role, tok in tokens.items()}
+    for i in range(volumes):
+        kms.volumes.create(callers["hypervisor"], volume_id=f"vol-{i}", cipher="aes-xts-plain64",
+                           key_bits=512)
+    for i in range(keys):
+        kms.appkeys.create(callers["tenant-admin"], name=f"key-{i}", key_type="aes256-gcm")
+    return t.id, callers, tokens
