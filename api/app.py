@@ -1,4 +1,7 @@
-"""The tenant API application factory. Nothing is built at import time."""
+"""Application factories: the tenant API and the admin API, two apps on two ports.
+
+Nothing is built at import time; the composition root passes settings and the Kms.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ from starlette.responses import JSONResponse, Response
 
 from api.limits import BodySizeLimit
 from api.problems import from_error, language, problem
-from api.tenant_routes import router
 from kms.config import Settings
 from kms.errors import KeyIntegrityError, KmsError
 from kms.service import Kms
@@ -21,14 +23,47 @@ log = logging.getLogger("kms.api")
 
 
 def create_app(settings: Settings, kms: Kms) -> FastAPI:
-    """Build the tenant API over an already-built Kms (the composition root owns it)."""
-    app = FastAPI(title="Tenant KMS — API locataire", version="1", docs_url=None,
-                  redoc_url=None, openapi_url="/v1/openapi.json")
+    """The tenant API (tenant principals only)."""
+    from api.tenant_routes import router
+
+    app = _base_app("Tenant KMS — API locataire", settings, kms, openapi="/v1/openapi.json")
+    app.include_router(router)
+    return app
+
+
+def create_admin_app(settings: Settings, kms: Kms) -> FastAPI:
+    """The admin API (the provider's operators only), served on its own port."""
+    from api.admin_routes import router
+
+    app = _base_app("Tenant KMS — API d'administration", settings, kms,
+                    openapi="/admin/v1/openapi.json")
+    app.include_router(router)
+    return app
+
+
+def _base_app(title: str, settings: Settings, kms: Kms, *, openapi: str) -> FastAPI:
+    app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None, openapi_url=openapi)
     app.state.kms = kms
     app.state.settings = settings
-    app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    _install_problem_handlers(app)
 
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> Response:
+        checks = kms.ready()
+        ok = all(checks.values())
+        return JSONResponse({"status": "ready" if ok else "unavailable", **checks},
+                            status_code=200 if ok else 503,
+                            headers={} if ok else {"Retry-After": "1"})
+
+    return app
+
+
+def _install_problem_handlers(app: FastAPI) -> None:
     def lang_of(request: Request) -> str:
         return language(request.headers.get("accept-language"))
 
@@ -59,17 +94,3 @@ def create_app(settings: Settings, kms: Kms) -> FastAPI:
         # The type only: an exception message could carry data.
         log.error("unhandled error %s", type(exc).__name__, extra={"path": request.url.path})
         return problem("internal_error", lang_of(request))
-
-    @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", include_in_schema=False)
-    def readyz() -> Response:
-        checks = kms.ready()
-        ok = all(checks.values())
-        return JSONResponse({"status": "ready" if ok else "unavailable", **checks},
-                            status_code=200 if ok else 503,
-                            headers={} if ok else {"Retry-After": "1"})
-
-    return app

@@ -27,6 +27,12 @@ _PROBLEMS: dict[str, tuple[int, tuple[str, str], tuple[str, str]]] = {
                                       "Cette version de la clé ne peut plus déchiffrer."),
                                 ("Key version unavailable",
                                  "This key version may no longer decrypt.")),
+    "incompatible_roles": (400, ("Rôles incompatibles",
+                                 "Cette identité détient déjà un rôle incompatible avec celui-ci "
+                                 "(séparation des tâches)."),
+                           ("Incompatible roles",
+                            "This identity already holds a role incompatible with this one "
+                            "(separation of duties).")),
     "unauthenticated": (401, ("Authentification requise",
                               "Jeton d'accès absent, invalide ou révoqué."),
                         ("Authentication required",
@@ -45,6 +51,10 @@ _PROBLEMS: dict[str, tuple[int, tuple[str, str], tuple[str, str]]] = {
                             "This method is not accepted on this resource.")),
     "already_exists": (409, ("Existe déjà", "Un objet de ce nom existe déjà."),
                        ("Already exists", "An object with this name already exists.")),
+    "invalid_state": (409, ("État incompatible",
+                            "L'opération ne s'applique pas à l'état actuel du locataire."),
+                      ("Invalid state",
+                       "The operation does not apply to the tenant's current state.")),
     "tenant_in_notice": (409, ("Locataire en préavis",
                                "Le locataire est en préavis de fin de contrat : aucune "
                                "création n'est possible, l'existant reste utilisable."),
@@ -66,6 +76,9 @@ _PROBLEMS: dict[str, tuple[int, tuple[str, str], tuple[str, str]]] = {
                             ("Key integrity error",
                              "A stored key does not match its place; the operator is "
                              "alerted.")),
+    "invalid_configuration": (500, ("Configuration invalide",
+                                    "Le service est mal configuré."),
+                              ("Invalid configuration", "The service is misconfigured.")),
     "internal_error": (500, ("Erreur interne", "Une erreur interne est survenue."),
                        ("Internal error", "An internal error occurred.")),
     "service_unavailable": (503, ("Service indisponible",

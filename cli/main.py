@@ -79,11 +79,15 @@ def main(ctx: click.Context, config: Path | None) -> None:
 @click.pass_obj
 def init(obj: Ctx, as_json: bool) -> None:
     """Create the data directory and schema, check the token, create service keys."""
+    from cli.tls import ensure_local_pki
+
     kms = obj.kms()
     keys = kms.initialize()
     info = kms.hsm.token_info()
     data = {"home": str(obj.settings.home_dir), "token": info.label, "serial": info.serial,
             "service_keys": sorted(keys)}
+    if obj.settings.tls_cert is None:
+        data["tls"] = ensure_local_pki(obj.settings.home_dir / "tls")
     emit(data, as_json, lambda d: f"initialised {d['home']} (token {d['token']}, "
                                   f"serial {d['serial']})")
 
@@ -92,14 +96,23 @@ def init(obj: Ctx, as_json: bool) -> None:
 @click.option("--host", default=None, help="tenant API address (default 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="tenant API port (default 8443)")
 @click.option("--admin-port", type=int, default=None, help="admin API port (default 8444)")
+@click.option("--tls-cert", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="server certificate (PEM, default $KMS_HOME/tls/server.pem)")
+@click.option("--tls-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="server private key (PEM, mode 0600)")
+@click.option("--insecure-http", is_flag=True, default=None,
+              help="plain HTTP, allowed on loopback only")
 @command
 @click.pass_obj
 def serve(obj: Ctx, host: str | None, port: int | None, admin_port: int | None,
+          tls_cert: Path | None, tls_key: Path | None, insecure_http: bool | None,
           as_json: bool) -> None:
-    """Run the tenant API."""
+    """Run the tenant API and the admin API (TLS unless --insecure-http)."""
     from cli.serve import run_server
 
-    obj._settings = load_settings(obj.config, host=host, port=port, admin_port=admin_port)
+    obj._settings = load_settings(obj.config, host=host, port=port, admin_port=admin_port,
+                                  tls_cert=tls_cert, tls_key=tls_key,
+                                  insecure_http=insecure_http or None)
     run_server(obj.settings, obj.kms())
 
 
@@ -285,6 +298,84 @@ def principal_create(obj: Ctx, tenant_id: str, role: str, name: str, as_json: bo
             "token": issued.token}
     emit(data, as_json, lambda d: f"principal {d['id']} ({d['role']})\n"
                                   f"token (shown once): {d['token']}")
+
+
+@principal.command("revoke")
+@click.argument("principal_id")
+@command
+@click.pass_obj
+def principal_revoke(obj: Ctx, principal_id: str, as_json: bool) -> None:
+    """Revoke a principal; its token is refused from now on."""
+    data = obj.kms().principals.revoke(principal_id)
+    emit(data, as_json, lambda d: f"{d['id']}\trevoked")
+
+
+@main.group()
+def access() -> None:
+    """Access rights (9.3 d, e)."""
+
+
+@access.command("list")
+@click.option("--tenant", "tenant_id", default=None)
+@click.option("--principal", "principal_id", default=None)
+@command
+@click.pass_obj
+def access_list(obj: Ctx, tenant_id: str | None, principal_id: str | None, as_json: bool) -> None:
+    """Who can do what on which resource, per tenant or per principal."""
+    if (tenant_id is None) == (principal_id is None):
+        fail("give exactly one of --tenant or --principal", 2)
+    kms = obj.kms()
+    rows = (kms.access.for_tenant(tenant_id) if tenant_id
+            else kms.access.for_principal(principal_id or ""))
+    emit(rows, as_json, lambda rs: "\n".join(
+        f"{r['resource']}\t{r['principal']}\t{r['role']}\t{','.join(r['actions'])}"
+        for r in rs) or "(no access)")
+
+
+@main.group()
+def operator() -> None:
+    """The provider's operators (admin API)."""
+
+
+def read_new_password() -> str:
+    """From a hidden prompt (asked twice) on a terminal, else the first line of stdin."""
+    if sys.stdin.isatty():
+        value: str = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+        return value
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+@operator.command("create")
+@click.argument("username")
+@command
+@click.pass_obj
+def operator_create(obj: Ctx, username: str, as_json: bool) -> None:
+    """Create an operator; prints the TOTP provisioning URI once."""
+    new = obj.kms().operators.create(username, read_new_password())
+    emit({"username": new.username, "totp_uri": new.totp_uri}, as_json,
+         lambda d: f"operator {d['username']} created\nTOTP (shown once): {d['totp_uri']}")
+
+
+@operator.command("passwd")
+@click.argument("username")
+@command
+@click.pass_obj
+def operator_passwd(obj: Ctx, username: str, as_json: bool) -> None:
+    """Set a new password (from a prompt or stdin)."""
+    obj.kms().operators.set_password(username, read_new_password())
+    emit({"username": username, "password": "changed"}, as_json,
+         lambda d: f"password of {d['username']} changed")
+
+
+@operator.command("unlock")
+@click.argument("username")
+@command
+@click.pass_obj
+def operator_unlock(obj: Ctx, username: str, as_json: bool) -> None:
+    """Unlock an operator locked after consecutive failures."""
+    obj.kms().operators.unlock(username)
+    emit(obj.kms().operators.status(username), as_json,
+         lambda d: f"{d['username']} unlocked")
 
 
 if __name__ == "__main__":

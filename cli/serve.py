@@ -1,15 +1,24 @@
-"""`kms serve`: the tenant API under uvicorn, one process."""
+"""`kms serve`: the tenant API and the admin API, two servers in one process, TLS on
+both unless `--insecure-http` (loopback only); the periodic erasure runner beside them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import logging
+import signal
+import ssl
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from sqlalchemy import inspect
 
-from api.app import create_app
+from api.app import create_admin_app, create_app
 from cli.logs import configure_logging
+from cli.tls import server_context
 from kms.config import Settings
 from kms.errors import InvalidConfiguration
 from kms.service import Kms
@@ -17,27 +26,101 @@ from kms.service import Kms
 log = logging.getLogger("kms.serve")
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen_policy(settings: Settings) -> None:
+    """Refuse configurations that DESIGN.md forbids, before anything listens."""
+    if settings.insecure_http and not (is_loopback(settings.host)
+                                       and is_loopback(settings.admin_host)):
+        raise InvalidConfiguration("plain HTTP (--insecure-http) is allowed on loopback only")
+    if not is_loopback(settings.admin_host) and not settings.admin_allow_remote:
+        raise InvalidConfiguration("the admin API listens on loopback unless "
+                                   "KMS_ADMIN_ALLOW_REMOTE=true")
+    if settings.port == settings.admin_port and settings.host == settings.admin_host:
+        raise InvalidConfiguration("the tenant and admin APIs need two ports")
+
+
+class _Server(uvicorn.Server):
+    """Signals are handled once for both servers, by `run_server`."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _config(app: Any, host: str, port: int, tls: ssl.SSLContext | None) -> uvicorn.Config:
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=True,
+                            proxy_headers=False, server_header=False,
+                            timeout_graceful_shutdown=5)
+    config.load()
+    if tls is not None:
+        config.ssl = tls  # our context: TLS 1.2/1.3, AEAD suites, no compression
+    return config
+
+
 def run_server(settings: Settings, kms: Kms) -> None:
-    """Self-test the token, check the schema, then serve until interrupted."""
+    """Self-test the token, check the schema, then serve until SIGINT/SIGTERM."""
     configure_logging(settings.log_level)
+    check_listen_policy(settings)
     if not inspect(kms.db.engine).has_table("tenants"):
         raise InvalidConfiguration("database has no schema: run `kms init` first")
     kms.self_test()
-    app = create_app(settings, kms)
-    log.info("tenant API listening", extra={"host": settings.host, "port": settings.port})
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            access_log=True, proxy_headers=False, server_header=False,
-                            timeout_graceful_shutdown=5)
+    tls = None
+    if not settings.insecure_http:
+        cert, key = settings.effective_tls_cert, settings.effective_tls_key
+        if not (cert.exists() and key.exists()):
+            raise InvalidConfiguration(f"no TLS certificate at {cert}: run `kms init` or give "
+                                       "--tls-cert/--tls-key")
+        tls = server_context(cert, key, client_ca=settings.tls_client_ca)
+    servers = [
+        _Server(_config(create_app(settings, kms), settings.host, settings.port, tls)),
+        _Server(_config(create_admin_app(settings, kms), settings.admin_host,
+                        settings.admin_port, tls)),
+    ]
+    scheme = "http" if tls is None else "https"
+    log.info("listening", extra={"tenant_api": f"{scheme}://{settings.host}:{settings.port}",
+                                 "admin_api": f"{scheme}://{settings.admin_host}:"
+                                              f"{settings.admin_port}"})
     stop = threading.Event()
     runner = threading.Thread(target=_erasure_loop, args=(kms, settings, stop),
                               name="erasure-runner", daemon=True)
+
+    def _exit(signum: int, _frame: Any) -> None:
+        for server in servers:
+            if server.should_exit and signum == signal.SIGINT:
+                server.force_exit = True
+            server.should_exit = True
+
+    previous = {sig: signal.signal(sig, _exit) for sig in (signal.SIGINT, signal.SIGTERM)}
     runner.start()
     try:
-        uvicorn.Server(config).run()
+        asyncio.run(_serve_all(servers))
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         stop.set()
         runner.join(timeout=10)
         kms.close()
+
+
+async def _serve_all(servers: list[_Server]) -> None:
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for s in servers:  # one stopped (or failed to bind): stop the other too
+        s.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    if any(not s.started for s in servers):
+        raise InvalidConfiguration("a listener could not start (port in use?)")
 
 
 def _erasure_loop(kms: Kms, settings: Settings, stop: threading.Event) -> None:

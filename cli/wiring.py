@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 from hsm import Pkcs11Hsm
 from kms.clock import Clock, SystemClock
 from kms.config import Settings
 from kms.db import Database
-from kms.service import Kms, read_secret_file
+from kms.passwords import Argon2Parameters
+from kms.service import Kms, KmsOptions, read_secret_file
 
 
 def build_kms(settings: Settings, *, clock: Clock | None = None) -> Kms:
@@ -23,5 +25,11 @@ def build_kms(settings: Settings, *, clock: Clock | None = None) -> Kms:
                     token_label=settings.hsm_token_label,
                     pin_reader=lambda: read_secret_file(pin_file))
     db = Database(settings.effective_database_url)
-    return Kms(db=db, hsm=hsm, clock=clock or SystemClock(),
-               key_cache_size=settings.key_cache_size, notice_days=settings.notice_days)
+    options = KmsOptions(
+        key_cache_size=settings.key_cache_size, notice_days=settings.notice_days,
+        operator_max_failures=settings.operator_max_failures,
+        operator_session=timedelta(minutes=settings.operator_session_minutes),
+        argon2=Argon2Parameters(settings.argon2_time_cost, settings.argon2_memory_kib,
+                                settings.argon2_parallelism),
+        incompatible_roles=tuple((a, b) for a, b in settings.incompatible_roles))
+    return Kms(db=db, hsm=hsm, clock=clock or SystemClock(), options=options)

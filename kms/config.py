@@ -40,6 +40,22 @@ class Settings(BaseSettings):
     notice_days: int = MIN_NOTICE_DAYS
     key_cache_size: int = Field(default=10_000, ge=0)
     erasure_interval_seconds: float = Field(default=60.0, gt=0)
+    # TLS (10.2): on by default; plain HTTP only with insecure_http on loopback.
+    insecure_http: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    admin_host: str = "127.0.0.1"
+    admin_allow_remote: bool = False
+    # Operators (9.5, 9.6 f, 10.3)
+    operator_max_failures: int = Field(default=5, ge=1, le=100)
+    operator_session_minutes: int = Field(default=15, ge=1, le=24 * 60)
+    argon2_time_cost: int = Field(default=3, ge=1)
+    argon2_memory_kib: int = Field(default=65536, ge=8 * 1024)
+    argon2_parallelism: int = Field(default=4, ge=1)
+    # Separation of duties (9.3 f): pairs of roles one identity may not hold together.
+    incompatible_roles: list[tuple[str, str]] = Field(
+        default=[("tenant-admin", "app"), ("tenant-admin", "hypervisor")])
     log_level: str = "INFO"
 
     @field_validator("notice_days")
@@ -74,6 +90,18 @@ class Settings(BaseSettings):
     @property
     def effective_pin_file(self) -> Path:
         return self.hsm_pin_file or self.home_dir / "secrets" / "user.pin"
+
+    @property
+    def effective_tls_cert(self) -> Path:
+        return self.tls_cert or self.home_dir / "tls" / "server.pem"
+
+    @property
+    def effective_tls_key(self) -> Path:
+        return self.tls_key or self.home_dir / "tls" / "server.key"
+
+    @property
+    def tls_ca(self) -> Path:
+        return self.home_dir / "tls" / "ca.pem"
 
     @property
     def softhsm_conf(self) -> Path:

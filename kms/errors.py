@@ -86,3 +86,9 @@ class InvalidState(KmsError):
     """The operation does not apply to the tenant's current state."""
 
     code = "invalid_state"
+
+
+class IncompatibleRoles(InvalidRequest):
+    """The identity already holds a role that the configuration declares incompatible."""
+
+    code = "incompatible_roles"

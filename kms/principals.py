@@ -18,7 +18,7 @@ from sqlalchemy import select
 from kms.caller import ROLES, Caller
 from kms.clock import Clock
 from kms.db import Database
-from kms.errors import InvalidRequest, Unauthenticated
+from kms.errors import IncompatibleRoles, InvalidRequest, NotFound, Unauthenticated
 from kms.models import Principal, Tenant
 from kms.tenants import ERASED, ERASING, load_tenant, require_usable
 from kms.validation import check_identifier
@@ -46,9 +46,18 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+DEFAULT_INCOMPATIBLE_ROLES: tuple[tuple[str, str], ...] = (
+    # Separation of duties (9.3 f): who manages keys does not use them.
+    ("tenant-admin", "app"),
+    ("tenant-admin", "hypervisor"),
+)
+
+
 class PrincipalService:
-    def __init__(self, *, db: Database, clock: Clock):
+    def __init__(self, *, db: Database, clock: Clock,
+                 incompatible_roles: tuple[tuple[str, str], ...] = DEFAULT_INCOMPATIBLE_ROLES):
         self._db, self._clock = db, clock
+        self._incompatible = {frozenset(pair) for pair in incompatible_roles}
 
     def create(self, *, tenant_id: str, role: str, name: str) -> IssuedToken:
         check_identifier(tenant_id, field="tenant_id")
@@ -61,6 +70,13 @@ class PrincipalService:
             tenant = load_tenant(s, tenant_id)
             if tenant.status in (ERASING, ERASED):
                 raise InvalidRequest("tenant has been erased", field="tenant_id")
+            held = s.scalars(select(Principal.role).where(
+                Principal.tenant_id == tenant_id, Principal.name == name,
+                Principal.revoked_at.is_(None))).all()
+            for other in held:
+                if frozenset((other, role)) in self._incompatible:
+                    raise IncompatibleRoles(f"{name} already holds {other}, incompatible with "
+                                            f"{role}", field="role")
             s.add(Principal(id=principal_id, tenant_id=tenant_id, name=name, role=role,
                             token_digest=_digest(secret), created_at=self._clock.now()))
         return IssuedToken(principal_id, tenant_id, role, name, f"{principal_id}.{secret}")
@@ -84,6 +100,17 @@ class PrincipalService:
                 raise Unauthenticated("invalid bearer token")
             require_usable(tenant)
             return Caller(principal.id, tenant.id, principal.role, tenant.epoch)
+
+    def revoke(self, principal_id: str) -> dict[str, object]:
+        """Revoke a principal: its token is refused from now on (idempotent)."""
+        check_identifier(principal_id, field="principal_id")
+        with self._db.write() as s:
+            p = s.get(Principal, principal_id)
+            if p is None:
+                raise NotFound("no such principal", what="principal")
+            if p.revoked_at is None:
+                p.revoked_at = self._clock.now()
+            return {"id": p.id, "tenant": p.tenant_id, "revoked": True}
 
     def list_for_tenant(self, tenant_id: str) -> list[dict[str, object]]:
         with self._db.read() as s:

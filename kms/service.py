@@ -6,9 +6,11 @@ Built only by the composition roots (`cli.wiring`) and tests; the API receives i
 from __future__ import annotations
 
 import os
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from hsm import HsmError, HsmMechanismMissing, HsmUnavailable, Pkcs11Hsm
+from kms.access import AccessService
 from kms.appkeys import AppKeyService
 from kms.clock import Clock
 from kms.db import Database
@@ -19,32 +21,54 @@ from kms.lifecycle import LifecycleService
 from kms.signing import ServiceSigner
 from kms.keyring import Keyring
 from kms.models import ServiceKey
-from kms.principals import PrincipalService
+from kms.operators import OperatorService
+from kms.passwords import Argon2Parameters, Passwords
+from kms.principals import DEFAULT_INCOMPATIBLE_ROLES, PrincipalService
+from kms.sealing import Sealer
 from kms.tenants import TenantService
 from kms.volumes import VolumeService
 
 SERVICE_KEY_LABELS = {"audit-hmac": "kms/service/audit-hmac",
-                      "signing": "kms/service/signing"}
+                      "signing": "kms/service/signing",
+                      "secrets-kek": "kms/service/secrets-kek"}
+
+
+@dataclass(frozen=True)
+class KmsOptions:
+    key_cache_size: int = 10_000
+    notice_days: int = MIN_NOTICE_DAYS
+    operator_max_failures: int = 5
+    operator_session: timedelta = timedelta(minutes=15)
+    argon2: Argon2Parameters = field(default_factory=Argon2Parameters)
+    incompatible_roles: tuple[tuple[str, str], ...] = DEFAULT_INCOMPATIBLE_ROLES
 
 
 class Kms:
-    def __init__(self, *, db: Database, hsm: Pkcs11Hsm, clock: Clock, key_cache_size: int = 10_000,
-                 notice_days: int = MIN_NOTICE_DAYS):
-        if notice_days < MIN_NOTICE_DAYS:
+    def __init__(self, *, db: Database, hsm: Pkcs11Hsm, clock: Clock,
+                 options: KmsOptions | None = None):
+        opts = options or KmsOptions()
+        if opts.notice_days < MIN_NOTICE_DAYS:
             raise InvalidConfiguration(f"notice_days may only be raised above {MIN_NOTICE_DAYS}")
         self.db, self.hsm, self.clock = db, hsm, clock
         self.keyring = Keyring(hsm=hsm, clock=clock)
         self.tenants = TenantService(db=db, keyring=self.keyring, clock=clock)
-        self.principals = PrincipalService(db=db, clock=clock)
+        self.principals = PrincipalService(db=db, clock=clock,
+                                           incompatible_roles=opts.incompatible_roles)
         self.volumes = VolumeService(db=db, keyring=self.keyring, clock=clock)
         self.appkeys = AppKeyService(db=db, keyring=self.keyring, clock=clock,
-                                     cache_size=key_cache_size)
+                                     cache_size=opts.key_cache_size)
         self.signer = ServiceSigner(hsm=hsm)
         self.lifecycle = LifecycleService(db=db, signer=self.signer, clock=clock,
-                                          notice_days=notice_days,
+                                          notice_days=opts.notice_days,
                                           on_state_change=self.appkeys.drop_cached)
         self.erasure = ErasureRunner(db=db, hsm=hsm, signer=self.signer, clock=clock,
                                      drop_cached=self.appkeys.drop_cached)
+        self.sealer = Sealer(hsm=hsm)
+        self.operators = OperatorService(db=db, clock=clock, passwords=Passwords(opts.argon2),
+                                         sealer=self.sealer,
+                                         max_failures=opts.operator_max_failures,
+                                         session_ttl=opts.operator_session)
+        self.access = AccessService(db=db)
 
     def __repr__(self) -> str:
         return f"Kms(db={self.db!r}, hsm={self.hsm!r})"
@@ -61,8 +85,10 @@ class Kms:
             for purpose, label in SERVICE_KEY_LABELS.items():
                 row = s.get(ServiceKey, purpose)
                 if row is None:
-                    cka_id = (self.hsm.generate_hmac_key(label=label) if purpose == "audit-hmac"
-                              else self.hsm.generate_signing_key(label=label))
+                    generate = {"audit-hmac": self.hsm.generate_hmac_key,
+                                "signing": self.hsm.generate_signing_key,
+                                "secrets-kek": self.hsm.generate_aes_kek}[purpose]
+                    cka_id = generate(label=label)
                     row = ServiceKey(purpose=purpose, cka_id=cka_id.hex(), label=label,
                                      created_at=self.clock.now())
                     s.add(row)

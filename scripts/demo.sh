@@ -68,7 +68,8 @@ ok "hypervisor principal created ($PRINCIPAL_ID, token kept in a 0600 file)"
 
 # -- the server, on a free port ----------------------------------------------------------
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
-BASE="http://127.0.0.1:$PORT"
+BASE="https://127.0.0.1:$PORT"
+export CURL_CA_BUNDLE="$KMS_HOME/tls/ca.pem"   # verify the server against the local CA
 "$KMS" serve --port "$PORT" >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 100); do

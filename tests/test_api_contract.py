@@ -127,3 +127,15 @@ def test_get_tenant(client, tenant) -> None:  # type: ignore[no-untyped-def]
         body = client.get("/v1/tenant", headers=tenant.auth(role)).json()
         assert body == {"id": tenant.id, "name": body["name"], "status": "active",
                         "notice": None}
+
+
+def test_every_domain_error_code_has_a_problem_in_both_languages() -> None:
+    """No domain error can fall through to a generic 500 for want of a mapping."""
+    import kms.errors as errors
+    from api.problems import _PROBLEMS
+
+    codes = {cls.code for cls in vars(errors).values()
+             if isinstance(cls, type) and issubclass(cls, errors.KmsError)}
+    assert codes <= set(_PROBLEMS), codes - set(_PROBLEMS)
+    for status, fr, en in _PROBLEMS.values():
+        assert 400 <= status < 600 and all(fr) and all(en) and fr != en

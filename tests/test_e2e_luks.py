@@ -1,6 +1,7 @@
 """End to end: the real `kms` command and a real `kms serve` process over a fresh SoftHSM
 token, driven over HTTP like a storage hypervisor and an application would.
 
+- everything over TLS, the server certificate verified against the local CA;
 - a QEMU LUKS image is formatted and opened with a volume key from the KMS; another
   volume's key cannot open it; after DELETE the key answers 404;
 - 8 threads x 50 mixed requests: no 5xx, no connection error, every answer correct, and
@@ -21,6 +22,7 @@ import os
 import random
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -102,8 +104,13 @@ class Server:
     log_path: Path
     tokens: dict[str, str] = field(default_factory=dict)  # role -> bearer token
 
+    @property
+    def tls(self) -> ssl.SSLContext:
+        """Verifies the server certificate against the local CA made by `kms init`."""
+        return ssl.create_default_context(cafile=str(self.home / "tls" / "ca.pem"))
+
     def client(self, role: str) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30.0,
+        return httpx.Client(base_url=self.base_url, timeout=30.0, verify=self.tls,
                             headers={"Authorization": f"Bearer {self.tokens[role]}"})
 
     def alive(self) -> bool:
@@ -155,7 +162,7 @@ def server(e2e_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             [str(KMS), "serve", "--port", str(port), "--admin-port", str(free_port())],
             env=kms_env(e2e_home), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL)
-    srv = Server(e2e_home, f"http://127.0.0.1:{port}", proc, log_path, tokens)
+    srv = Server(e2e_home, f"https://127.0.0.1:{port}", proc, log_path, tokens)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
@@ -163,7 +170,7 @@ def server(e2e_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                 pytest.fail(f"kms serve exited with {proc.returncode}:\n"
                             f"{log_path.read_text(errors='replace')[-2000:]}")
             try:
-                if httpx.get(f"{srv.base_url}/readyz", timeout=2.0).status_code == 200:
+                if httpx.get(f"{srv.base_url}/readyz", timeout=2.0, verify=srv.tls).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -394,7 +401,7 @@ def test_concurrent_mixed_requests(server: Server) -> None:
     assert any(c >= 2 for c in fetches.values()), fetches
     assert counts["decrypt"] > 0 and counts["create_volume"] >= THREADS, counts
     assert server.alive(), "kms serve died under concurrent load"
-    assert httpx.get(f"{server.base_url}/readyz", timeout=5.0).status_code == 200
+    assert httpx.get(f"{server.base_url}/readyz", timeout=5.0, verify=server.tls).status_code == 200
     # Every volume created by the workers is listed (nothing lost).
     with server.client("hypervisor") as hv:
         listed = {v["volume_id"] for v in hv.get("/v1/volumes").json()["volumes"]}

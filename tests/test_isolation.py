@@ -118,3 +118,47 @@ def test_volume_listing_never_carries_key_material(client, tenant) -> None:  # t
     assert key not in listing and raw.hex() not in listing
     assert set(client.get("/v1/volumes", headers=h).json()["volumes"][0]) == \
         {"volume_id", "cipher", "key_bits", "created_at"}
+
+
+def test_revoked_and_operator_credentials_are_refused_everywhere(client, kms, tenant) -> None:  # type: ignore[no-untyped-def]
+    """Every tenant-API route answers 401 to a revoked principal's token and to an operator
+    session token (operator credentials are not tenant credentials, 9.6 b-d)."""
+    from urllib.parse import parse_qs, urlparse
+
+    import pyotp
+
+    client.post("/v1/volumes", json={"volume_id": "rv"}, headers=tenant.auth("hypervisor"))
+    client.post("/v1/keys", json={"name": "rk"}, headers=tenant.auth("tenant-admin"))
+    revoked = {}
+    for role in ("tenant-admin", "hypervisor", "app"):
+        issued = kms.principals.create(tenant_id=tenant.id, role=role, name=f"gone-{role}")
+        kms.principals.revoke(issued.principal_id)
+        revoked[role] = issued.token
+    new = kms.operators.create(f"matrix-op-{tenant.id}", "operator passphrase 1")
+    seed = parse_qs(urlparse(new.totp_uri).query)["secret"][0]
+    session = kms.operators.login(new.username, "operator passphrase 1",
+                                  pyotp.TOTP(seed).at(kms.clock.now()))
+    for method, path_t, body_t, allowed in ROLE_MATRIX:
+        path = path_t.format(vol="rv", key="rk")
+        body = {k: (v.format(n="x") if isinstance(v, str) else v)
+                for k, v in (body_t or {}).items()} or None
+        for role in allowed:
+            r = client.request(method, path, json=body,
+                               headers={"Authorization": f"Bearer {revoked[role]}"})
+            assert r.status_code == 401, (method, path, role, r.text)
+        r = client.request(method, path, json=body,
+                           headers={"Authorization": f"Bearer {session.token}"})
+        assert r.status_code == 401 and r.json()["code"] == "unauthenticated", (method, path)
+    # the live principals still work: nothing above changed state
+    assert client.post("/v1/volumes/rv/key", headers=tenant.auth("hypervisor")).status_code == 200
+
+
+def test_another_tenants_token_gets_404_on_every_object_route(client, two_tenants) -> None:  # type: ignore[no-untyped-def]
+    a, b = two_tenants
+    for method, path_t, body_t, allowed in ROLE_MATRIX:
+        if "{vol}" not in path_t and "{key}" not in path_t:
+            continue
+        path = path_t.format(vol=f"vol-{a.id}", key=f"key-{a.id}")
+        for role in allowed:
+            r = client.request(method, path, json=body_t, headers=b.auth(role))
+            assert r.status_code == 404 and r.json()["code"] == "not_found", (method, path, role)

@@ -50,7 +50,7 @@ def test_cli_tenant_and_principal_commands(tmp_path: Path) -> None:
     subprocess.run([str(SETUP_TOKEN)], env={**env, "KMS_HOME": str(tmp_path)}, check=True,
                    capture_output=True)
     init = json.loads(_kms(tmp_path, "init", "--json").stdout)
-    assert init["token"] == "kms" and init["service_keys"] == ["audit-hmac", "signing"]
+    assert init["token"] == "kms" and init["service_keys"] == ["audit-hmac", "secrets-kek", "signing"]
     again = json.loads(_kms(tmp_path, "init", "--json").stdout)
     assert again == init  # idempotent
     t = json.loads(_kms(tmp_path, "tenant", "create", "Acme SA", "--json").stdout)
@@ -81,3 +81,42 @@ def test_serve_refuses_a_notice_period_under_21_days(tmp_path: Path) -> None:
                                             "KMS_NOTICE_DAYS": "20"},
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "notice_days" in r.stderr
+
+
+def test_cli_operator_principal_revoke_and_access(tmp_path: Path) -> None:
+    """operator create reads the password from stdin (never argv) and prints the TOTP URI
+    once; revoke and access list work; incompatible roles are refused."""
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    subprocess.run([str(SETUP_TOKEN)], env={**env, "KMS_HOME": str(tmp_path)}, check=True,
+                   capture_output=True)
+    _kms(tmp_path, "init")
+    kenv = {k: v for k, v in os.environ.items() if not k.startswith("KMS_")}
+    kenv.update(KMS_HOME=str(tmp_path), SOFTHSM2_CONF=str(tmp_path / "softhsm" / "softhsm2.conf"))
+    created = subprocess.run([KMS, "operator", "create", "alice", "--json"], env=kenv,
+                             input="a long operator passphrase\n", capture_output=True,
+                             text=True)
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["totp_uri"].startswith("otpauth://totp/")
+    short = subprocess.run([KMS, "operator", "create", "bob"], env=kenv, input="short\n",
+                           capture_output=True, text=True)
+    assert short.returncode != 0 and "at least 12" in short.stderr
+    db = (tmp_path / "kms.sqlite3").read_bytes()
+    assert b"a long operator passphrase" not in db
+    assert json.loads(_kms(tmp_path, "operator", "unlock", "alice", "--json").stdout)["locked"] \
+        is False
+    t = json.loads(_kms(tmp_path, "tenant", "create", "Access SA", "--json").stdout)
+    hv = json.loads(_kms(tmp_path, "principal", "create", "--tenant", t["id"], "--role",
+                         "hypervisor", "--name", "node1", "--json").stdout)
+    clash = _kms(tmp_path, "principal", "create", "--tenant", t["id"], "--role",
+                 "tenant-admin", "--name", "node1", check=False)
+    assert clash.returncode != 0 and "incompatible_roles" in clash.stderr
+    rows = json.loads(_kms(tmp_path, "access", "list", "--tenant", t["id"], "--json").stdout)
+    assert {"resource": f"tenant:{t['id']}", "principal": hv["id"], "name": "node1",
+            "role": "hypervisor", "actions": ["read"]} in rows
+    mine = json.loads(_kms(tmp_path, "access", "list", "--principal", hv["id"], "--json").stdout)
+    assert mine and all(r["principal"] == hv["id"] for r in mine)
+    assert _kms(tmp_path, "principal", "revoke", hv["id"]).returncode == 0
+    assert json.loads(_kms(tmp_path, "access", "list", "--principal", hv["id"],
+                           "--json").stdout) == []
+    both = _kms(tmp_path, "access", "list", check=False)
+    assert both.returncode != 0
