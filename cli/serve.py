@@ -72,17 +72,20 @@ def run_server(settings: Settings, kms: Kms) -> None:
     if not inspect(kms.db.engine).has_table("tenants"):
         raise InvalidConfiguration("database has no schema: run `kms init` first")
     kms.self_test()
-    tls = None
+    tls = admin_tls = None
     if not settings.insecure_http:
         cert, key = settings.effective_tls_cert, settings.effective_tls_key
         if not (cert.exists() and key.exists()):
             raise InvalidConfiguration(f"no TLS certificate at {cert}: run `kms init` or give "
                                        "--tls-cert/--tls-key")
+        # Client certificates (KMS_TLS_CLIENT_CA), when configured, guard the tenant port:
+        # hypervisors and applications then need a certificate from that CA as well.
         tls = server_context(cert, key, client_ca=settings.tls_client_ca)
+        admin_tls = server_context(cert, key)
     servers = [
         _Server(_config(create_app(settings, kms), settings.host, settings.port, tls)),
         _Server(_config(create_admin_app(settings, kms), settings.admin_host,
-                        settings.admin_port, tls)),
+                        settings.admin_port, admin_tls)),
     ]
     scheme = "http" if tls is None else "https"
     log.info("listening", extra={"tenant_api": f"{scheme}://{settings.host}:{settings.port}",

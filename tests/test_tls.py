@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cli.serve import check_listen_policy
@@ -154,3 +156,57 @@ def test_serve_refuses_a_remote_admin_api_unless_configured(tmp_path: Path) -> N
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "admin API listens on loopback" in r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def test_client_certificates_guard_the_tenant_port_when_configured(tmp_path: Path) -> None:
+    """With KMS_TLS_CLIENT_CA, the tenant port refuses a client without a certificate from
+    that CA and accepts one with it; the admin port does not ask for one."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from cli.tls import ensure_local_pki
+
+    home = tmp_path / "home"
+    subprocess.run([str(SETUP_TOKEN)], env=_env(home), check=True, capture_output=True)
+    subprocess.run([KMS, "init"], env=_env(home), check=True, capture_output=True)
+    clients = tmp_path / "clients"
+    ensure_local_pki(clients)  # a separate CA for client certificates
+    ca = x509.load_pem_x509_certificate((clients / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((clients / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hv-node-1")]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    (tmp_path / "hv.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "hv.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    port, admin = _free_port(), _free_port()
+    proc = subprocess.Popen([KMS, "serve", "--port", str(port), "--admin-port", str(admin)],
+                            env=_env(home, KMS_TLS_CLIENT_CA=str(clients / "ca.pem")),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server_ca = home / "tls" / "ca.pem"
+        deadline = time.monotonic() + 20
+        while not s_client(admin, "-tls1_3", ca=server_ca)[0]:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        ctx = ssl.create_default_context(cafile=str(server_ca))
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ctx, timeout=5)
+        ctx.load_cert_chain(str(tmp_path / "hv.pem"), str(tmp_path / "hv.key"))
+        assert httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ctx, timeout=5).json() \
+            == {"status": "ok"}
+        plain = ssl.create_default_context(cafile=str(server_ca))
+        assert httpx.get(f"https://127.0.0.1:{admin}/healthz", verify=plain,
+                         timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
