@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
+from kms.audit import current_context
 from kms.errors import InvalidRequest, Unauthenticated
 from kms.lifecycle import parse_contract_end
 from kms.operators import OperatorCaller
@@ -34,7 +35,9 @@ def authenticate_operator(request: Request, kms: KmsDep) -> OperatorCaller:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("missing session token")
-    return kms.operators.authenticate(token.strip())
+    op = kms.operators.authenticate(token.strip())
+    current_context().actor = f"operator:{op.username}"
+    return op
 
 
 OperatorDep = Annotated[OperatorCaller, Depends(authenticate_operator)]

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from api.context import RequestContext
 from api.limits import BodySizeLimit
 from api.problems import from_error, language, problem
 from kms.config import Settings
@@ -46,6 +47,7 @@ def _base_app(title: str, settings: Settings, kms: Kms, *, openapi: str) -> Fast
     app.state.kms = kms
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestContext)
     _install_problem_handlers(app)
 
     @app.get("/healthz", include_in_schema=False)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
+from kms.audit import current_context
 from kms.caller import ROLE_TENANT_ADMIN, Caller
+from kms.clock import require_aware
 from kms.errors import InvalidRequest, Unauthenticated
 from kms.service import Kms
 
@@ -35,7 +39,9 @@ def authenticate(request: Request, kms: KmsDep) -> Caller:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("missing bearer token")
-    return kms.principals.authenticate(token.strip())
+    caller = kms.principals.authenticate(token.strip())
+    current_context().actor = caller.actor
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
@@ -161,6 +167,25 @@ def tenant_notice(caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
     caller.require(ROLE_TENANT_ADMIN)
     notice = kms.lifecycle.notice(caller.tenant_id)
     return {**notice.public(), "public_key_pem": kms.service_public_key_pem()}
+
+
+@router.get("/tenant/audit")
+def tenant_audit(caller: CallerDep, kms: KmsDep, since: str | None = None) -> Response:
+    """The tenant's own journal events, as JSON lines (12.6 d)."""
+    caller.require(ROLE_TENANT_ADMIN)
+    lines = kms.audit_export(tenant_id=caller.tenant_id, since=_since(since))
+    return Response("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in lines),
+                    media_type="application/x-ndjson", headers={"Cache-Control": "no-store"})
+
+
+def _since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return require_aware(datetime.fromisoformat(value))
+    except ValueError:
+        raise InvalidRequest("since must be an ISO 8601 time with a zone", field="since") \
+            from None
 
 
 def _no_store(body: dict[str, Any]) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 from datetime import datetime, timezone
 
@@ -27,8 +28,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(level: str = "INFO", log_file: str | None = None) -> None:
+    """JSON lines on stderr, or in `log_file`, reopened when rotated or removed."""
+    handler: logging.Handler = (logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+                                if log_file else logging.StreamHandler(sys.stderr))
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -4,8 +4,10 @@ stderr with a non-zero exit code. Secrets never come from argv."""
 from __future__ import annotations
 
 import functools
+import getpass
 import json
 import sys
+from datetime import datetime, timezone
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from hsm import HsmError
+from kms.audit import AuditContext, audit_context
 from kms.config import Settings, load_settings
 from kms.errors import KmsError
 from kms.service import Kms
@@ -72,6 +75,9 @@ def fail(message: str, code: int = 1) -> None:
 def main(ctx: click.Context, config: Path | None) -> None:
     """Tenant KMS: operators' command."""
     ctx.obj = Ctx(config)
+    # Journal events of this command name the local account that ran it.
+    ctx.with_resource(audit_context(AuditContext(actor=f"cli:{getpass.getuser()}",
+                                                 source="cli")))
 
 
 @main.command()
@@ -102,17 +108,19 @@ def init(obj: Ctx, as_json: bool) -> None:
               help="server private key (PEM, mode 0600)")
 @click.option("--insecure-http", is_flag=True, default=None,
               help="plain HTTP, allowed on loopback only")
+@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="JSON log lines go to this file (reopened if rotated) instead of stderr")
 @command
 @click.pass_obj
 def serve(obj: Ctx, host: str | None, port: int | None, admin_port: int | None,
           tls_cert: Path | None, tls_key: Path | None, insecure_http: bool | None,
-          as_json: bool) -> None:
+          log_file: Path | None, as_json: bool) -> None:
     """Run the tenant API and the admin API (TLS unless --insecure-http)."""
     from cli.serve import run_server
 
     obj._settings = load_settings(obj.config, host=host, port=port, admin_port=admin_port,
                                   tls_cert=tls_cert, tls_key=tls_key,
-                                  insecure_http=insecure_http or None)
+                                  insecure_http=insecure_http or None, log_file=log_file)
     run_server(obj.settings, obj.kms())
 
 
@@ -376,6 +384,73 @@ def operator_unlock(obj: Ctx, username: str, as_json: bool) -> None:
     obj.kms().operators.unlock(username)
     emit(obj.kms().operators.status(username), as_json,
          lambda d: f"{d['username']} unlocked")
+
+
+@main.group()
+def audit() -> None:
+    """The audit journal (12.6-12.8)."""
+
+
+@audit.command("verify")
+@command
+@click.pass_obj
+def audit_verify(obj: Ctx, as_json: bool) -> None:
+    """Check every event's HMAC, the chain, the sequence and the head."""
+    result = obj.kms().audit_verify()
+    data = {"ok": result.ok, "events": result.events, "first_bad_seq": result.first_bad_seq,
+            "reason": result.reason}
+    if not result.ok:
+        if as_json:
+            click.echo(json.dumps(data))
+        fail(f"audit journal broken at sequence {result.first_bad_seq}: {result.reason}")
+    emit(data, as_json, lambda d: f"audit journal intact ({d['events']} events)")
+
+
+def _parse_time(value: str | None, field: str) -> datetime | None:
+    from kms.clock import require_aware
+    from kms.errors import InvalidRequest
+
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"{field}: give an ISO 8601 date or time", field=field) from None
+    if parsed.tzinfo is None and len(value) == 10:  # a bare date means 00:00 UTC
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    try:
+        return require_aware(parsed)
+    except ValueError:
+        raise InvalidRequest(f"{field}: naive times are refused, add a zone",
+                             field=field) from None
+
+
+@audit.command("export")
+@click.option("--tenant", "tenant_id", default=None)
+@click.option("--since", default=None, help="ISO 8601 time with a zone, or a date (UTC)")
+@command
+@click.pass_obj
+def audit_export(obj: Ctx, tenant_id: str | None, since: str | None, as_json: bool) -> None:
+    """Events as JSON lines, all or one tenant's."""
+    for event in obj.kms().audit_export(tenant_id=tenant_id,
+                                        since=_parse_time(since, "since")):
+        click.echo(json.dumps(event, ensure_ascii=False))
+
+
+@audit.command("purge")
+@click.option("--before", required=True, help="YYYY-MM-DD (UTC) or an ISO time with a zone")
+@command
+@click.pass_obj
+def audit_purge(obj: Ctx, before: str, as_json: bool) -> None:
+    """Delete events older than BEFORE, never younger than the retention; the chain stays
+    verifiable from a signed checkpoint."""
+    from datetime import timedelta
+
+    when = _parse_time(before, "before")
+    assert when is not None
+    n = obj.kms().audit_purge(before=when,
+                              retention=timedelta(days=obj.settings.audit_retention_days))
+    emit({"deleted": n}, as_json, lambda d: f"{d['deleted']} events purged")
 
 
 if __name__ == "__main__":

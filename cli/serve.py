@@ -67,7 +67,7 @@ def _config(app: Any, host: str, port: int, tls: ssl.SSLContext | None) -> uvico
 
 def run_server(settings: Settings, kms: Kms) -> None:
     """Self-test the token, check the schema, then serve until SIGINT/SIGTERM."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, str(settings.log_file) if settings.log_file else None)
     check_listen_policy(settings)
     if not inspect(kms.db.engine).has_table("tenants"):
         raise InvalidConfiguration("database has no schema: run `kms init` first")

@@ -31,5 +31,6 @@ def build_kms(settings: Settings, *, clock: Clock | None = None) -> Kms:
         operator_session=timedelta(minutes=settings.operator_session_minutes),
         argon2=Argon2Parameters(settings.argon2_time_cost, settings.argon2_memory_kib,
                                 settings.argon2_parallelism),
-        incompatible_roles=tuple((a, b) for a, b in settings.incompatible_roles))
+        incompatible_roles=tuple((a, b) for a, b in settings.incompatible_roles),
+        audit_data_plane=settings.audit_data_plane)
     return Kms(db=db, hsm=hsm, clock=clock or SystemClock(), options=options)

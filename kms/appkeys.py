@@ -19,6 +19,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from kms import aead
+from kms.audit import AuditJournal
+from kms.audit_batch import AuditBatcher
 from kms.caller import ROLE_APP, ROLE_TENANT_ADMIN, Caller
 from kms.clock import Clock
 from kms.db import Database
@@ -97,8 +99,10 @@ class _KeyCache:
 
 
 class AppKeyService:
-    def __init__(self, *, db: Database, keyring: Keyring, clock: Clock, cache_size: int):
+    def __init__(self, *, db: Database, keyring: Keyring, clock: Clock, cache_size: int,
+                 audit: AuditJournal, batcher: AuditBatcher):
         self._db, self._keyring, self._clock = db, keyring, clock
+        self._audit, self._batcher = audit, batcher
         self._cache = _KeyCache(cache_size)
 
     def drop_cached(self, tenant_id: str) -> None:
@@ -128,6 +132,8 @@ class AppKeyService:
                 s.add(AppKeyVersion(key_id=row.id, version=1, kek_generation=kek.generation,
                                     wrapped_key=wrapped, state="active", encryptions=0,
                                     created_at=now))
+                self._audit.record(s, action="key.create", tenant_id=caller.tenant_id,
+                                   object=f"key:{name}", actor=caller.actor)
                 return _view(row)
         except IntegrityError as exc:
             raise AlreadyExists("key exists", what="key") from exc
@@ -153,6 +159,12 @@ class AppKeyService:
             tuple[str, int]:
         """Encrypt under the latest version; returns (ciphertext string, version)."""
         caller.require(ROLE_APP)
+        ciphertext, version = self._encrypt(caller, name, plaintext, context)
+        self._journal_use(caller, "key.encrypt", name, version, "success")
+        return ciphertext, version
+
+    def _encrypt(self, caller: Caller, name: str, plaintext: bytes, context: bytes) -> \
+            tuple[str, int]:
         check_identifier(name, field="name")
         with self._db.read() as s:
             tenant, key = self._usable_key(s, caller, name)
@@ -175,8 +187,14 @@ class AppKeyService:
             if version < key.min_decryption_version:
                 raise KeyVersionUnavailable("version below min_decryption_version")
             cipher = self._version_cipher(s, tenant, key, version)
-        return SecretBytes(aead.open_sealed(
-            cipher, blob, aad=aead.app_aad(key_name=name, version=version, context=context)))
+        try:
+            plaintext = aead.open_sealed(
+                cipher, blob, aad=aead.app_aad(key_name=name, version=version, context=context))
+        except DecryptionFailed:
+            self._journal_use(caller, "key.decrypt", name, version, "failure")
+            raise
+        self._journal_use(caller, "key.decrypt", name, version, "success")
+        return SecretBytes(plaintext)
 
     def datakey(self, caller: Caller, name: str, *, bits: int, context: bytes = b"") -> DataKey:
         """A fresh random data key, returned in plaintext and encrypted under `name`."""
@@ -184,10 +202,17 @@ class AppKeyService:
         if bits not in DATAKEY_BITS:
             raise InvalidRequest("bits must be 128, 256 or 512", field="bits")
         key = os.urandom(bits // 8)
-        ciphertext, _version = self.encrypt(caller, name, key, context=context)
+        ciphertext, version = self._encrypt(caller, name, key, context)
+        self._journal_use(caller, "key.datakey", name, version, "success")
         return DataKey(SecretBytes(key), ciphertext)
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _journal_use(self, caller: Caller, action: str, name: str, version: int,
+                     outcome: str) -> None:
+        self._batcher.submit(self._audit.pending(
+            action=action, tenant_id=caller.tenant_id, object=f"key:{name}:v{version}",
+            outcome=outcome, actor=caller.actor))
 
     @staticmethod
     def _find(s: Session, tenant_id: str, name: str) -> AppKey | None:

@@ -19,6 +19,10 @@ class Caller:
     role: str
     tenant_epoch: int
 
+    @property
+    def actor(self) -> str:
+        return f"principal:{self.principal_id}"
+
     def require(self, *roles: str) -> None:
         """Raise Forbidden unless the caller holds one of `roles`."""
         if self.role not in roles:

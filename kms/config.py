@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     notice_days: int = MIN_NOTICE_DAYS
     key_cache_size: int = Field(default=10_000, ge=0)
     erasure_interval_seconds: float = Field(default=60.0, gt=0)
+    # Audit journal (12.6-12.8): kept at least six months; data-plane events on by default.
+    audit_retention_days: int = Field(default=183, ge=183)
+    audit_data_plane: bool = True
+    log_file: Path | None = None
     # TLS (10.2): on by default; plain HTTP only with insecure_http on loopback.
     insecure_http: bool = False
     tls_cert: Path | None = None

@@ -22,9 +22,10 @@ from sqlalchemy.orm import Session
 
 from hsm import HsmDestroyUnconfirmed, HsmError, Pkcs11Hsm
 from kms import __version__
+from kms.audit import AuditJournal
 from kms.clock import Clock
 from kms.db import Database
-from kms.errors import KmsError, NotFound
+from kms.errors import KmsError, NotFound, ServiceUnavailable
 from kms.keyring import tenant_label_prefix
 from kms.locks import NamedLocks
 from kms.lifecycle import notice_digest
@@ -44,6 +45,7 @@ from kms.tenants import ERASED, ERASING, pending_notice
 
 log = logging.getLogger("kms.erasure")
 
+RUNNER_ACTOR = "system:erasure-runner"
 STEPS = ("mark_erasing", "destroy_keys", "verify_absent", "delete_data", "certify",
          "mark_erased")
 METHOD = {
@@ -64,9 +66,10 @@ class Outcome:
 
 class ErasureRunner:
     def __init__(self, *, db: Database, hsm: Pkcs11Hsm, signer: ServiceSigner, clock: Clock,
-                 drop_cached: Callable[[str], None],
+                 audit: AuditJournal, drop_cached: Callable[[str], None],
                  after_step: Callable[[str, str], None] | None = None):
         self._db, self._hsm, self._signer, self._clock = db, hsm, signer, clock
+        self._audit = audit
         self._drop_cached = drop_cached
         # Fault-injection seam for tests: called after each step has committed.
         self._after_step = after_step or (lambda tenant_id, step: None)
@@ -104,6 +107,9 @@ class ErasureRunner:
                 s.add(job)
             job.attempts += 1
             job.state = "running"
+            self._audit.record(s, action="erasure.start", tenant_id=tenant_id,
+                               object=f"erasure:{tenant_id}:attempt={job.attempts}",
+                               actor=RUNNER_ACTOR)
             s.flush()
             s.expunge(job)
             return job
@@ -119,10 +125,10 @@ class ErasureRunner:
             return self._erase_locked(tenant_id)
 
     def _erase_locked(self, tenant_id: str) -> Outcome:
-        job = self._claim(tenant_id)
-        if job is None:
-            return Outcome(tenant_id, "skipped")
         try:
+            job = self._claim(tenant_id)
+            if job is None:
+                return Outcome(tenant_id, "skipped")
             for step in STEPS[STEPS.index(job.step):]:
                 getattr(self, f"_{step}")(tenant_id)
                 self._after_step(tenant_id, step)
@@ -138,15 +144,25 @@ class ErasureRunner:
     def _advance(self, s: Session, tenant_id: str, step: str) -> Erasure:
         job = s.get(Erasure, tenant_id)
         assert job is not None
+        self._audit.record(s, action=f"erasure.{step}", tenant_id=tenant_id,
+                           object=f"erasure:{tenant_id}", actor=RUNNER_ACTOR)
         nxt = STEPS.index(step) + 1
         job.step = STEPS[nxt] if nxt < len(STEPS) else "done"
         return job
 
     def _fail(self, tenant_id: str, reason: str) -> None:
-        with self._db.write() as s:
-            job = s.get(Erasure, tenant_id)
-            if job is not None:
-                job.state, job.last_error = "erasure_failed", reason
+        """Record the failure; if even that cannot be written (journal or database
+        down), nothing changes and the next run starts again from the recorded step."""
+        try:
+            with self._db.write() as s:
+                job = s.get(Erasure, tenant_id)
+                if job is not None:
+                    job.state, job.last_error = "erasure_failed", reason
+                    self._audit.record(s, action="erasure.failed", tenant_id=tenant_id,
+                                       object=f"erasure:{tenant_id}:{reason}",
+                                       outcome="failure", actor=RUNNER_ACTOR)
+        except ServiceUnavailable:
+            log.error("erasure failure not recorded", extra={"tenant": tenant_id})
 
     def _mark_erasing(self, tenant_id: str) -> None:
         with self._db.write() as s:

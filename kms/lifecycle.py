@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kms import __version__
+from kms.audit import AuditJournal
 from kms.clock import Clock, require_aware
 from kms.db import Database
 from kms.errors import InvalidRequest, InvalidState, NotFound
@@ -74,12 +75,14 @@ def _nview(n: Notice) -> NoticeView:
 
 class LifecycleService:
     def __init__(self, *, db: Database, signer: ServiceSigner, clock: Clock, notice_days: int,
-                 on_state_change: Any):
-        self._db, self._signer, self._clock = db, signer, clock
+                 on_state_change: Any, audit: AuditJournal):
+        self._db, self._signer, self._clock, self._audit = db, signer, clock, audit
         self._notice_days = notice_days
         self._on_state_change = on_state_change
 
-    def _change(self, s: Session, tenant: Tenant, status: str) -> None:
+    def _change(self, s: Session, tenant: Tenant, status: str, action: str) -> None:
+        self._audit.record(s, action=action, tenant_id=tenant.id,
+                           object=f"tenant:{tenant.id}:{tenant.status}->{status}")
         tenant.status = status
         tenant.epoch += 1
         tenant.updated_at = self._clock.now()
@@ -105,8 +108,10 @@ class LifecycleService:
                             contract_end=contract_end.isoformat() if contract_end else None,
                             document=body, signature=self._signer.sign(s, body))
             s.add(notice)
+            self._audit.record(s, action="tenant.notice_served", tenant_id=tenant_id,
+                               object=f"notice:{notice_id}:effective={deadline.isoformat()}")
             if tenant.status == ACTIVE:
-                self._change(s, tenant, NOTICE)
+                self._change(s, tenant, NOTICE, "tenant.offboard")
             return _nview(notice)
 
     def cancel_notice(self, tenant_id: str) -> dict[str, Any]:
@@ -117,8 +122,10 @@ class LifecycleService:
             if notice is None or tenant.status in (ERASING, ERASED):
                 raise InvalidState("no cancellable notice")
             notice.cancelled_at = self._clock.now()
+            self._audit.record(s, action="tenant.notice_cancelled", tenant_id=tenant_id,
+                               object=f"notice:{notice.id}")
             if tenant.status == NOTICE:
-                self._change(s, tenant, ACTIVE)
+                self._change(s, tenant, ACTIVE, "tenant.cancel_offboard")
             return {"id": tenant.id, "status": tenant.status}
 
     def suspend(self, tenant_id: str) -> dict[str, Any]:
@@ -127,7 +134,7 @@ class LifecycleService:
             tenant = load_tenant(s, tenant_id)
             if tenant.status not in (ACTIVE, NOTICE):
                 raise InvalidState("only an active tenant or one under notice can be suspended")
-            self._change(s, tenant, SUSPENDED)
+            self._change(s, tenant, SUSPENDED, "tenant.suspend")
             return {"id": tenant.id, "status": tenant.status}
 
     def resume(self, tenant_id: str) -> dict[str, Any]:
@@ -136,7 +143,8 @@ class LifecycleService:
             tenant = load_tenant(s, tenant_id)
             if tenant.status != SUSPENDED:
                 raise InvalidState("tenant is not suspended")
-            self._change(s, tenant, NOTICE if pending_notice(s, tenant_id) else ACTIVE)
+            self._change(s, tenant, NOTICE if pending_notice(s, tenant_id) else ACTIVE,
+                         "tenant.resume")
             return {"id": tenant.id, "status": tenant.status}
 
     def notice(self, tenant_id: str) -> NoticeView:

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 import pyotp
 from sqlalchemy.orm import Session
 
+from kms.audit import AuditJournal
 from kms.clock import Clock
 from kms.db import Database
 from kms.errors import AlreadyExists, NotFound, Unauthenticated
@@ -65,8 +66,10 @@ def _digest(secret: str) -> bytes:
 
 class OperatorService:
     def __init__(self, *, db: Database, clock: Clock, passwords: Passwords, sealer: Sealer,
-                 max_failures: int = 5, session_ttl: timedelta = timedelta(minutes=15)):
+                 audit: AuditJournal, max_failures: int = 5,
+                 session_ttl: timedelta = timedelta(minutes=15)):
         self._db, self._clock, self._passwords, self._sealer = db, clock, passwords, sealer
+        self._audit = audit
         self._max_failures = max_failures
         self._session_ttl = session_ttl
 
@@ -82,6 +85,8 @@ class OperatorService:
                            totp_sealed=self._sealer.seal(s, seed.encode(),
                                                          aad=_totp_aad(username)),
                            last_totp_step=0, failed_attempts=0, created_at=self._clock.now()))
+            self._audit.record(s, action="operator.create", tenant_id=None,
+                               object=f"operator:{username}")
         uri = pyotp.TOTP(seed).provisioning_uri(name=username, issuer_name=TOTP_ISSUER)
         return NewOperator(username, uri)
 
@@ -90,11 +95,15 @@ class OperatorService:
         with self._db.write() as s:
             op = self._get(s, username)
             op.password_hash = password_hash
+            self._audit.record(s, action="operator.passwd", tenant_id=None,
+                               object=f"operator:{username}")
 
     def unlock(self, username: str) -> None:
         with self._db.write() as s:
             op = self._get(s, username)
             op.failed_attempts, op.locked_at = 0, None
+            self._audit.record(s, action="operator.unlock", tenant_id=None,
+                               object=f"operator:{username}")
 
     def status(self, username: str) -> dict[str, object]:
         with self._db.read() as s:
@@ -108,21 +117,19 @@ class OperatorService:
         Raises Unauthenticated for every failure, identically."""
         now = self._clock.now()
         session: AdminSession | None = None
+        failed = False
         with self._db.write() as s:
             op = s.get(Operator, username) if isinstance(username, str) else None
             if op is None:
                 self._passwords.verify_dummy(password if isinstance(password, str) else "")
-                raise Unauthenticated("login failed")
-            password_ok = self._passwords.verify(op.password_hash, password)
-            step = self._totp_step(s, op, totp_code, now) if password_ok else None
-            if op.locked_at is not None or not password_ok or step is None:
-                if op.locked_at is None:
-                    op.failed_attempts += 1
-                    if op.failed_attempts >= self._max_failures:
-                        op.locked_at = now
-                        log.warning("operator locked", extra={"operator": username})
+                self._audit.record(s, action="operator.login", tenant_id=None,
+                                   object="operator:<unknown>", outcome="failure",
+                                   actor="anonymous")
+                failed = True
+            elif not self._check(s, op, password, totp_code, now):
+                failed = True
             else:
-                op.failed_attempts, op.last_totp_step, op.last_login_at = 0, step, now
+                op.failed_attempts, op.last_login_at = 0, now
                 if self._passwords.needs_rehash(op.password_hash):
                     op.password_hash = self._passwords.hash(password)
                 secret = secrets.token_urlsafe(32)
@@ -132,9 +139,32 @@ class OperatorService:
                                       token_digest=_digest(secret), created_at=now,
                                       expires_at=expires))
                 session = AdminSession(f"{session_id}.{secret}", expires)
-        if session is None:  # the failure count above is committed first
+                self._audit.record(s, action="operator.login", tenant_id=None,
+                                   object=f"operator:{username}:session={session_id}",
+                                   actor=f"operator:{username}")
+        if failed or session is None:  # the failure and its event are committed first
             raise Unauthenticated("login failed")
         return session
+
+    def _check(self, s: Session, op: Operator, password: str, totp_code: str,
+               now: datetime) -> bool:
+        """Both factors, or count a failure (and lock at the threshold), audited."""
+        password_ok = self._passwords.verify(op.password_hash, password)
+        step = self._totp_step(s, op, totp_code, now) if password_ok else None
+        if op.locked_at is None and password_ok and step is not None:
+            op.last_totp_step = step
+            return True
+        actor = f"operator:{op.username}"
+        self._audit.record(s, action="operator.login", tenant_id=None,
+                           object=f"operator:{op.username}", outcome="failure", actor=actor)
+        if op.locked_at is None:
+            op.failed_attempts += 1
+            if op.failed_attempts >= self._max_failures:
+                op.locked_at = now
+                log.warning("operator locked", extra={"operator": op.username})
+                self._audit.record(s, action="operator.lock", tenant_id=None,
+                                   object=f"operator:{op.username}", actor="system:lockout")
+        return False
 
     def _totp_step(self, s: Session, op: Operator, code: str, now: datetime) -> int | None:
         """The accepted time step, or None; a code is accepted once (no replay)."""
@@ -167,6 +197,9 @@ class OperatorService:
             row = s.get(OperatorSession, caller.session_id)
             if row is not None:
                 row.revoked_at = self._clock.now()
+                self._audit.record(s, action="operator.logout", tenant_id=None,
+                                   object=f"operator:{caller.username}:session={row.id}",
+                                   actor=f"operator:{caller.username}")
 
     @staticmethod
     def _get(s: Session, username: str) -> Operator:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
+from kms.audit import AuditJournal
 from kms.caller import ROLES, Caller
 from kms.clock import Clock
 from kms.db import Database
@@ -54,9 +55,9 @@ DEFAULT_INCOMPATIBLE_ROLES: tuple[tuple[str, str], ...] = (
 
 
 class PrincipalService:
-    def __init__(self, *, db: Database, clock: Clock,
+    def __init__(self, *, db: Database, clock: Clock, audit: AuditJournal,
                  incompatible_roles: tuple[tuple[str, str], ...] = DEFAULT_INCOMPATIBLE_ROLES):
-        self._db, self._clock = db, clock
+        self._db, self._clock, self._audit = db, clock, audit
         self._incompatible = {frozenset(pair) for pair in incompatible_roles}
 
     def create(self, *, tenant_id: str, role: str, name: str) -> IssuedToken:
@@ -79,6 +80,8 @@ class PrincipalService:
                                             f"{role}", field="role")
             s.add(Principal(id=principal_id, tenant_id=tenant_id, name=name, role=role,
                             token_digest=_digest(secret), created_at=self._clock.now()))
+            self._audit.record(s, action="principal.create", tenant_id=tenant_id,
+                               object=f"principal:{principal_id}:{role}")
         return IssuedToken(principal_id, tenant_id, role, name, f"{principal_id}.{secret}")
 
     def authenticate(self, token: str) -> Caller:
@@ -110,6 +113,8 @@ class PrincipalService:
                 raise NotFound("no such principal", what="principal")
             if p.revoked_at is None:
                 p.revoked_at = self._clock.now()
+                self._audit.record(s, action="principal.revoke", tenant_id=p.tenant_id,
+                                   object=f"principal:{p.id}")
             return {"id": p.id, "tenant": p.tenant_id, "revoked": True}
 
     def list_for_tenant(self, tenant_id: str) -> list[dict[str, object]]:

@@ -6,12 +6,17 @@ Built only by the composition roots (`cli.wiring`) and tests; the API receives i
 from __future__ import annotations
 
 import os
+from typing import Any
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from hsm import HsmError, HsmMechanismMissing, HsmUnavailable, Pkcs11Hsm
 from kms.access import AccessService
 from kms.appkeys import AppKeyService
+from kms.audit import AuditJournal, VerifyResult
+from kms.clock import require_aware
+from kms.errors import InvalidRequest
+from kms.audit_batch import AuditBatcher
 from kms.clock import Clock
 from kms.db import Database
 from kms.config import MIN_NOTICE_DAYS
@@ -41,6 +46,7 @@ class KmsOptions:
     operator_session: timedelta = timedelta(minutes=15)
     argon2: Argon2Parameters = field(default_factory=Argon2Parameters)
     incompatible_roles: tuple[tuple[str, str], ...] = DEFAULT_INCOMPATIBLE_ROLES
+    audit_data_plane: bool = True
 
 
 class Kms:
@@ -51,21 +57,27 @@ class Kms:
             raise InvalidConfiguration(f"notice_days may only be raised above {MIN_NOTICE_DAYS}")
         self.db, self.hsm, self.clock = db, hsm, clock
         self.keyring = Keyring(hsm=hsm, clock=clock)
-        self.tenants = TenantService(db=db, keyring=self.keyring, clock=clock)
+        self.audit = AuditJournal(hsm=hsm, clock=clock)
+        self.audit_batcher = AuditBatcher(db=db, journal=self.audit,
+                                          enabled=opts.audit_data_plane)
+        journal = {"audit": self.audit}
+        self.tenants = TenantService(db=db, keyring=self.keyring, clock=clock, **journal)
         self.principals = PrincipalService(db=db, clock=clock,
-                                           incompatible_roles=opts.incompatible_roles)
-        self.volumes = VolumeService(db=db, keyring=self.keyring, clock=clock)
+                                           incompatible_roles=opts.incompatible_roles, **journal)
+        self.volumes = VolumeService(db=db, keyring=self.keyring, clock=clock,
+                                     batcher=self.audit_batcher, **journal)
         self.appkeys = AppKeyService(db=db, keyring=self.keyring, clock=clock,
-                                     cache_size=opts.key_cache_size)
+                                     cache_size=opts.key_cache_size,
+                                     batcher=self.audit_batcher, **journal)
         self.signer = ServiceSigner(hsm=hsm)
         self.lifecycle = LifecycleService(db=db, signer=self.signer, clock=clock,
                                           notice_days=opts.notice_days,
-                                          on_state_change=self.appkeys.drop_cached)
+                                          on_state_change=self.appkeys.drop_cached, **journal)
         self.erasure = ErasureRunner(db=db, hsm=hsm, signer=self.signer, clock=clock,
-                                     drop_cached=self.appkeys.drop_cached)
+                                     drop_cached=self.appkeys.drop_cached, **journal)
         self.sealer = Sealer(hsm=hsm)
         self.operators = OperatorService(db=db, clock=clock, passwords=Passwords(opts.argon2),
-                                         sealer=self.sealer,
+                                         sealer=self.sealer, **journal,
                                          max_failures=opts.operator_max_failures,
                                          session_ttl=opts.operator_session)
         self.access = AccessService(db=db)
@@ -92,8 +104,32 @@ class Kms:
                     row = ServiceKey(purpose=purpose, cka_id=cka_id.hex(), label=label,
                                      created_at=self.clock.now())
                     s.add(row)
+                    s.flush()
+                    self.audit.record(s, action="service.key_created", tenant_id=None,
+                                      object=f"service-key:{purpose}:{row.cka_id}")
                 out[purpose] = row.cka_id
         return out
+
+    def audit_export(self, *, tenant_id: str | None = None,
+                     since: datetime | None = None) -> list[dict[str, Any]]:
+        with self.db.read() as s:
+            return list(self.audit.export(s, tenant_id=tenant_id, since=since))
+
+    def audit_verify(self) -> VerifyResult:
+        with self.db.read() as s:
+            return self.audit.verify(s)
+
+    def audit_purge(self, *, before: datetime, retention: timedelta) -> int:
+        """Purge events older than `before`; refuses anything younger than the retention."""
+        before = require_aware(before)
+        if before > self.clock.now() - retention:
+            raise InvalidRequest(f"events younger than the retention ({retention.days} days) "
+                                 "cannot be purged", field="before")
+        with self.db.write() as s:
+            n = self.audit.purge(s, before=before)
+            self.audit.record(s, action="audit.purge", tenant_id=None,
+                              object=f"audit:before={before.isoformat()}:deleted={n}")
+            return n
 
     def service_public_key_pem(self) -> str:
         with self.db.read() as s:

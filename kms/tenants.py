@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from kms.audit import AuditJournal
 from kms.clock import Clock
 from kms.db import Database
 from kms.errors import AlreadyExists, NotFound, TenantErased, TenantInNotice, TenantSuspended
@@ -69,8 +70,8 @@ def load_tenant(session: Session, tenant_id: str) -> Tenant:
 
 
 class TenantService:
-    def __init__(self, *, db: Database, keyring: Keyring, clock: Clock):
-        self._db, self._keyring, self._clock = db, keyring, clock
+    def __init__(self, *, db: Database, keyring: Keyring, clock: Clock, audit: AuditJournal):
+        self._db, self._keyring, self._clock, self._audit = db, keyring, clock, audit
 
     def create(self, name: str) -> TenantView:
         """Create an active tenant with KEK generation 1 in the token.
@@ -89,6 +90,8 @@ class TenantService:
                 s.add(tenant)
                 s.flush()
                 self._keyring.create_kek(s, tenant_id=tenant_id, generation=1)
+                self._audit.record(s, action="tenant.create", tenant_id=tenant_id,
+                                   object=f"tenant:{tenant_id}")
                 return _view(tenant)
         except IntegrityError as exc:
             raise AlreadyExists("a tenant with this name exists", what="tenant") from exc

@@ -6,7 +6,6 @@ token; only the wrapped blob is stored. Fetching the key unwraps it for the call
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,6 +13,8 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from kms.audit import AuditJournal
+from kms.audit_batch import AuditBatcher
 from kms.caller import ROLE_HYPERVISOR, Caller
 from kms.clock import Clock
 from kms.db import Database
@@ -23,8 +24,6 @@ from kms.models import Volume
 from kms.secret import SecretBytes
 from kms.tenants import load_tenant, require_can_create, require_usable
 from kms.validation import check_identifier
-
-log = logging.getLogger("kms.volumes")
 
 # cipher -> allowed key sizes in bits (XTS uses two keys: 512 bits = AES-256-XTS)
 CIPHERS: dict[str, tuple[int, ...]] = {"aes-xts-plain64": (256, 512)}
@@ -59,8 +58,10 @@ def _view(v: Volume) -> VolumeView:
 
 
 class VolumeService:
-    def __init__(self, *, db: Database, keyring: Keyring, clock: Clock):
+    def __init__(self, *, db: Database, keyring: Keyring, clock: Clock, audit: AuditJournal,
+                 batcher: AuditBatcher):
         self._db, self._keyring, self._clock = db, keyring, clock
+        self._audit, self._batcher = audit, batcher
 
     def create(self, caller: Caller, *, volume_id: str, cipher: str, key_bits: int) -> VolumeView:
         """Create a volume and its key. Raises AlreadyExists if the id is taken."""
@@ -83,6 +84,8 @@ class VolumeService:
                                 wrapped_key=wrapped, created_at=self._clock.now())
                 s.add(volume)
                 s.flush()
+                self._audit.record(s, action="volume.create", tenant_id=caller.tenant_id,
+                                   object=f"volume:{volume_id}", actor=caller.actor)
                 return _view(volume)
         except IntegrityError as exc:
             raise AlreadyExists("volume exists", what="volume") from exc
@@ -107,10 +110,14 @@ class VolumeService:
             kek = self._keyring.kek(s, caller.tenant_id, volume.kek_generation)
             key = self._keyring.unwrap(kek, _place(caller.tenant_id, volume_id),
                                        volume.wrapped_key)
-            log.info("volume key released", extra={"tenant": caller.tenant_id,
-                                                    "volume": volume_id,
-                                                    "principal": caller.principal_id})
-            return VolumeKey(volume.volume_id, volume.cipher, volume.key_bits, SecretBytes(key))
+            released = VolumeKey(volume.volume_id, volume.cipher, volume.key_bits,
+                                 SecretBytes(key))
+        # No key leaves before its release is in the journal.
+        self._batcher.submit(self._audit.pending(action="volume.key_fetch",
+                                                 tenant_id=caller.tenant_id,
+                                                 object=f"volume:{volume_id}",
+                                                 actor=caller.actor))
+        return released
 
     def delete(self, caller: Caller, volume_id: str) -> None:
         """Delete the volume and its wrapped key at once."""
@@ -122,3 +129,5 @@ class VolumeService:
             if volume is None:
                 raise NotFound("no such volume", what="volume")
             s.delete(volume)
+            self._audit.record(s, action="volume.delete", tenant_id=caller.tenant_id,
+                               object=f"volume:{volume_id}", actor=caller.actor)

@@ -139,3 +139,32 @@ def test_every_domain_error_code_has_a_problem_in_both_languages() -> None:
     assert codes <= set(_PROBLEMS), codes - set(_PROBLEMS)
     for status, fr, en in _PROBLEMS.values():
         assert 400 <= status < 600 and all(fr) and all(en) and fr != en
+
+
+def test_tenant_audit_export_over_the_api(client, new_tenant) -> None:  # type: ignore[no-untyped-def]
+    """A tenant-admin reads its own events as JSON lines, with actor, source and the
+    request id it sent; other roles may not; another tenant's events never appear."""
+    import json
+
+    a, b = new_tenant(), new_tenant()
+    r = client.post("/v1/volumes", json={"volume_id": "audited"},
+                    headers={**a.auth("hypervisor"), "X-Request-Id": "req-42"})
+    assert r.status_code == 201 and r.headers["x-request-id"] == "req-42"
+    client.post("/v1/volumes/audited/key", headers=a.auth("hypervisor"))
+    client.post("/v1/volumes", json={"volume_id": "other"}, headers=b.auth("hypervisor"))
+    r = client.get("/v1/tenant/audit", headers=a.auth("tenant-admin"))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert lines and all(e["tenant"] == a.id for e in lines)
+    created = [e for e in lines if e["action"] == "volume.create"][0]
+    assert created["request_id"] == "req-42" and created["source"] == "testclient"
+    assert created["actor"].startswith("principal:p-") and created["object"] == "volume:audited"
+    assert any(e["action"] == "volume.key_fetch" for e in lines)
+    assert b.id not in r.text
+    assert client.get("/v1/tenant/audit", headers=a.auth("app")).status_code == 403
+    since = client.get("/v1/tenant/audit?since=2999-01-01T00:00:00%2B00:00",
+                       headers=a.auth("tenant-admin"))
+    assert since.status_code == 200 and since.text == ""
+    naive = client.get("/v1/tenant/audit?since=2026-01-01T00:00:00",
+                       headers=a.auth("tenant-admin"))
+    assert naive.status_code == 400

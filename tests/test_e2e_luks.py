@@ -446,3 +446,29 @@ def test_zz_server_log_holds_no_secret(server: Server) -> None:
                              f"(as a {len(form)}-character encoding)")
                 break
     assert not leaks, "\n".join(leaks)
+
+
+def test_zz_database_journal_and_exports_hold_no_secret(server: Server) -> None:
+    """After the runs above: a dump of the database (and its raw files), the audit journal
+    export and its verification hold none of the secrets handled (issue 5, point 4)."""
+    import sqlite3
+
+    server.stop()
+    db_path = server.home / "kms.sqlite3"
+    with sqlite3.connect(db_path) as conn:
+        dump = "\n".join(conn.iterdump()).encode()
+    raw = b"".join(p.read_bytes() for p in server.home.glob("kms.sqlite3*"))
+    export = subprocess.run([str(KMS), "audit", "export"], env=kms_env(server.home),
+                            capture_output=True, timeout=60)
+    assert export.returncode == 0 and export.stdout.count(b"\n") >= 10, export.stderr
+    assert b'"action": "volume.key_fetch"' in export.stdout
+    verify = subprocess.run([str(KMS), "audit", "verify"], env=kms_env(server.home),
+                            capture_output=True, timeout=120)
+    assert verify.returncode == 0, verify.stderr
+    with _SECRETS_LOCK:
+        secrets = dict((secret, kind) for kind, secret in SECRETS)
+    assert len(secrets) >= 5
+    leaks = [f"{kind} in {where}" for secret, kind in secrets.items()
+             for where, blob in (("dump", dump), ("db files", raw), ("export", export.stdout))
+             if any(form in blob for form in encodings(secret))]
+    assert not leaks, "\n".join(sorted(set(leaks)))

@@ -54,7 +54,8 @@ class FaultyHsm:
 
 def runner(kms, *, hsm=None, after_step=None) -> ErasureRunner:  # type: ignore[no-untyped-def]
     return ErasureRunner(db=kms.db, hsm=hsm or kms.hsm, signer=kms.signer, clock=kms.clock,
-                         drop_cached=kms.appkeys.drop_cached, after_step=after_step)
+                         drop_cached=kms.appkeys.drop_cached, audit=kms.audit,
+                         after_step=after_step)
 
 
 def assert_completely_erased(kms, tid: str) -> None:  # type: ignore[no-untyped-def]

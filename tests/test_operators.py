@@ -144,6 +144,11 @@ def test_lockout_after_configured_failures_and_unlock(env) -> None:  # type: ign
     clock.advance(timedelta(seconds=30))
     assert login(admin, user, PASSWORD, code(totp, clock)).status_code == 200
     assert k.operators.status(user)["failed_attempts"] == 0
+    trail = [(e["action"], e["outcome"]) for e in k.audit_export()
+             if e["object"].startswith(f"operator:{user}")]
+    assert trail.count(("operator.login", "failure")) == 6
+    assert ("operator.lock", "success") in trail and ("operator.unlock", "success") in trail
+    assert trail[-1] == ("operator.login", "success")
 
 
 def test_lockout_threshold_is_configurable(kms) -> None:  # type: ignore[no-untyped-def]

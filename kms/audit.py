@@ -1,0 +1,224 @@
+"""The audit journal (SecNumCloud 12.6-12.8): append-only, chained, HMAC'd in the token.
+
+Each event's body is canonical JSON of {seq, ts, actor, tenant, action, object, outcome,
+request_id, source, prev_hash}; `prev_hash` = SHA-256(previous body || previous mac),
+`mac` = HMAC-SHA256 of the body with the token's audit key. A head row (seq and hash of
+the last event, itself HMAC'd) is updated in the same transaction, so that truncating
+the tail is detected too; a checkpoint row anchors the chain after a purge.
+
+State changes record their event inside their own transaction (`record`): no change
+without its event, no event without its change. Data-plane events (key fetch, encrypt,
+decrypt, data keys) go through a group commit (`AuditBatcher`): the caller waits until
+the batch holding its event has committed, so no event is lost and the cost of one
+transaction is shared by every request that arrived meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from hsm import HsmError, Pkcs11Hsm
+from kms.clock import Clock
+from kms.errors import KeyIntegrityError, ServiceUnavailable
+from kms.models import AuditCheckpoint, AuditEvent, AuditHead, ServiceKey
+
+GENESIS = "0" * 64
+
+
+@dataclass
+class AuditContext:
+    """Who is acting, for which request, from where. Mutable: the API's auth dependency
+    fills `actor` in after the middleware created the context."""
+
+    request_id: str = field(default_factory=lambda: f"r-{secrets.token_hex(8)}")
+    source: str = "local"
+    actor: str = "system"
+
+
+_context: contextvars.ContextVar[AuditContext | None] = contextvars.ContextVar(
+    "kms_audit_context", default=None)
+
+
+def current_context() -> AuditContext:
+    ctx = _context.get()
+    return ctx if ctx is not None else AuditContext()
+
+
+@contextmanager
+def audit_context(ctx: AuditContext) -> Iterator[AuditContext]:
+    token = _context.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _context.reset(token)
+
+
+def canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _body(e: AuditEvent) -> dict[str, Any]:
+    return {"seq": e.seq, "ts": e.ts, "actor": e.actor, "tenant": e.tenant_id,
+            "action": e.action, "object": e.object, "outcome": e.outcome,
+            "request_id": e.request_id, "source": e.source, "prev_hash": e.prev_hash}
+
+
+def _link(body: bytes, mac: str) -> str:
+    return hashlib.sha256(body + mac.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    action: str
+    tenant_id: str | None
+    object: str
+    outcome: str
+    actor: str
+    request_id: str
+    source: str
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    events: int
+    first_bad_seq: int | None = None
+    reason: str | None = None
+
+
+class AuditJournal:
+    def __init__(self, *, hsm: Pkcs11Hsm, clock: Clock):
+        self._hsm, self._clock = hsm, clock
+
+    # -- writing ------------------------------------------------------------------------
+
+    def pending(self, *, action: str, tenant_id: str | None, object: str = "",
+                outcome: str = "success", actor: str | None = None) -> PendingEvent:
+        ctx = current_context()
+        return PendingEvent(action, tenant_id, object, outcome, actor or ctx.actor,
+                            ctx.request_id, ctx.source)
+
+    def record(self, s: Session, *, action: str, tenant_id: str | None, object: str = "",
+               outcome: str = "success", actor: str | None = None) -> None:
+        """Append one event inside the caller's write transaction.
+
+        Raises ServiceUnavailable if the journal cannot be written (the caller's whole
+        transaction then rolls back: no change without its event)."""
+        self.append(s, [self.pending(action=action, tenant_id=tenant_id, object=object,
+                                     outcome=outcome, actor=actor)])
+
+    def append(self, s: Session, events: list[PendingEvent]) -> None:
+        try:
+            key = self._key(s)
+            head = s.get(AuditHead, 1, with_for_update=True)
+            if head is None:
+                head = AuditHead(id=1, seq=0, hash=GENESIS, mac="")
+                s.add(head)
+            seq, prev = head.seq, head.hash
+            for p in events:
+                seq += 1
+                ts = self._clock.now().isoformat(timespec="microseconds")
+                row = AuditEvent(seq=seq, ts=ts, actor=p.actor, tenant_id=p.tenant_id,
+                                 action=p.action, object=p.object, outcome=p.outcome,
+                                 request_id=p.request_id, source=p.source, prev_hash=prev)
+                body = canonical(_body(row))
+                row.mac = self._hsm.hmac_sha256(key, body).hex()
+                s.add(row)
+                prev = _link(body, row.mac)
+            head.seq, head.hash = seq, prev
+            head.mac = self._hsm.hmac_sha256(key, f"head|{seq}|{prev}".encode()).hex()
+            s.flush()
+        except (SQLAlchemyError, HsmError, KeyIntegrityError) as exc:
+            raise ServiceUnavailable("the audit journal cannot be written") from exc
+
+    @staticmethod
+    def _key(s: Session) -> bytes:
+        row = s.get(ServiceKey, "audit-hmac")
+        if row is None:
+            raise KeyIntegrityError("no audit key: run `kms init`")
+        return bytes.fromhex(row.cka_id)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def verify(self, s: Session) -> VerifyResult:
+        """Check every event's HMAC, the chain, the sequence, and the head."""
+        key = self._key(s)
+        cp = s.get(AuditCheckpoint, 1)
+        expected_seq = (cp.first_seq if cp else 1)
+        prev = cp.prev_hash if cp else GENESIS
+        if cp is not None and not self._mac_ok(key, f"checkpoint|{cp.first_seq}|{cp.prev_hash}",
+                                               cp.mac):
+            return VerifyResult(False, 0, cp.first_seq, "checkpoint altered")
+        count = 0
+        for row in s.scalars(select(AuditEvent).order_by(AuditEvent.seq)).yield_per(1000):
+            if row.seq != expected_seq:
+                return VerifyResult(False, count, min(row.seq, expected_seq), "sequence gap")
+            body = canonical(_body(row))
+            if not self._mac_ok(key, body, row.mac):
+                return VerifyResult(False, count, row.seq, "event altered")
+            if row.prev_hash != prev:
+                return VerifyResult(False, count, row.seq, "chain broken")
+            prev = _link(body, row.mac)
+            expected_seq += 1
+            count += 1
+        head = s.get(AuditHead, 1)
+        last = expected_seq - 1
+        if head is None:
+            return VerifyResult(count == 0, count, None if count == 0 else 1,
+                                None if count == 0 else "head missing")
+        if not self._mac_ok(key, f"head|{head.seq}|{head.hash}", head.mac):
+            return VerifyResult(False, count, head.seq, "head altered")
+        if head.seq != last or head.hash != prev:
+            return VerifyResult(False, count, min(head.seq, last) + 1, "journal truncated")
+        return VerifyResult(True, count)
+
+    def _mac_ok(self, key: bytes, data: bytes | str, mac: str) -> bool:
+        raw = data.encode() if isinstance(data, str) else data
+        return hmac.compare_digest(self._hsm.hmac_sha256(key, raw).hex(), mac or "")
+
+    @staticmethod
+    def export(s: Session, *, tenant_id: str | None = None,
+               since: datetime | None = None) -> Iterator[dict[str, Any]]:
+        q = select(AuditEvent).order_by(AuditEvent.seq)
+        if tenant_id is not None:
+            q = q.where(AuditEvent.tenant_id == tenant_id)
+        if since is not None:
+            q = q.where(AuditEvent.ts >= since.isoformat(timespec="microseconds"))
+        for row in s.scalars(q).yield_per(1000):
+            yield {**_body(row), "mac": row.mac}
+
+    def purge(self, s: Session, *, before: datetime) -> int:
+        """Delete events older than `before` and anchor the chain at the first kept one."""
+        cutoff = before.isoformat(timespec="microseconds")
+        first_kept = s.scalars(select(AuditEvent).where(AuditEvent.ts >= cutoff)
+                               .order_by(AuditEvent.seq).limit(1)).first()
+        head = s.get(AuditHead, 1)
+        if first_kept is None and head is None:
+            return 0
+        anchor_seq = first_kept.seq if first_kept else (head.seq + 1 if head else 1)
+        anchor_prev = first_kept.prev_hash if first_kept else (head.hash if head else GENESIS)
+        n = s.execute(delete(AuditEvent).where(AuditEvent.seq < anchor_seq)).rowcount
+        key = self._key(s)
+        cp = s.get(AuditCheckpoint, 1) or AuditCheckpoint(id=1)
+        cp.first_seq, cp.prev_hash = anchor_seq, anchor_prev
+        cp.mac = self._hsm.hmac_sha256(key, f"checkpoint|{anchor_seq}|{anchor_prev}".encode()).hex()
+        cp.purged_before = cutoff
+        s.merge(cp)
+        return int(n or 0)
+
+    @staticmethod
+    def count(s: Session) -> int:
+        return int(s.scalar(select(func.count()).select_from(AuditEvent)) or 0)

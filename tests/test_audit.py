@@ -1,0 +1,314 @@
+"""The audit journal: tamper evidence, one chain under concurrency, transactional with
+the state it records, complete per-tenant exports, fail-closed when it cannot write."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select, text
+
+from hsm import HsmUnavailable
+from kms.clock import FixedClock
+from kms.db import Database
+from kms.errors import InvalidRequest, ServiceUnavailable
+from kms.models import AuditEvent, Tenant, Volume
+from kms.service import Kms
+from tests.conftest import T0, populate
+
+
+@pytest.fixture
+def fresh(kms, tmp_path):  # type: ignore[no-untyped-def]
+    """A Kms on the session token with its own empty database, and a movable clock."""
+    clock = FixedClock(T0)
+    k = Kms(db=Database(f"sqlite:///{tmp_path / 'audit.sqlite3'}"), hsm=kms.hsm, clock=clock)
+    k.initialize()
+    yield k, clock
+    k.db.dispose()
+
+
+def make_history(k: Kms) -> str:
+    tid, callers, _ = populate(k, "history", volumes=2, keys=1)
+    k.volumes.fetch_key(callers["hypervisor"], "vol-0")
+    ct, _ = k.appkeys.encrypt(callers["app"], "key-0", b"x")
+    k.appkeys.decrypt(callers["app"], "key-0", ct)
+    k.lifecycle.suspend(tid)
+    k.lifecycle.resume(tid)
+    return tid
+
+
+def events(k: Kms) -> list[dict[str, Any]]:
+    return k.audit_export()
+
+
+def test_history_verifies_and_names_actions(fresh) -> None:  # type: ignore[no-untyped-def]
+    k, _ = fresh
+    tid = make_history(k)
+    result = k.audit_verify()
+    assert result.ok and result.events == len(events(k)) > 10
+    actions = [e["action"] for e in events(k) if e["tenant"] == tid]
+    for expected in ("tenant.create", "principal.create", "volume.create", "key.create",
+                     "volume.key_fetch", "key.encrypt", "key.decrypt", "tenant.suspend",
+                     "tenant.resume"):
+        assert expected in actions, expected
+    e = events(k)[-1]
+    assert e["ts"].endswith("+00:00") and len(e["ts"].split(".")[1]) == len("000000+00:00")
+    assert set(e) == {"seq", "ts", "actor", "tenant", "action", "object", "outcome",
+                      "request_id", "source", "prev_hash", "mac"}
+
+
+@pytest.mark.parametrize("column,value", [
+    ("ts", "2020-01-01T00:00:00.000000+00:00"), ("actor", "principal:p-evil"),
+    ("tenant_id", "t-other"), ("action", "key.create"), ("object", "volume:forged"),
+    ("outcome", "failure"), ("request_id", "r-forged"), ("source", "10.0.0.1"),
+    ("prev_hash", "f" * 64), ("mac", "0" * 64),
+])
+def test_editing_any_field_is_detected_at_its_sequence(fresh, column, value) -> None:  # type: ignore[no-untyped-def]
+    k, _ = fresh
+    make_history(k)
+    target = len(events(k)) // 2
+    with k.db.write() as s:
+        s.execute(text(f"UPDATE audit_events SET {column} = :v WHERE seq = :seq"),
+                  {"v": value, "seq": target})
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == target, result
+
+
+def test_deleting_an_event_is_detected(fresh) -> None:  # type: ignore[no-untyped-def]
+    k, _ = fresh
+    make_history(k)
+    with k.db.write() as s:
+        s.execute(text("DELETE FROM audit_events WHERE seq = 7"))
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == 7
+
+
+def test_reordering_events_is_detected(fresh) -> None:  # type: ignore[no-untyped-def]
+    k, _ = fresh
+    make_history(k)
+    with k.db.write() as s:  # swap the contents of 5 and 6, keeping their sequence numbers
+        rows = {r.seq: r for r in s.scalars(select(AuditEvent).where(AuditEvent.seq.in_([5, 6])))}
+        cols = ("ts", "actor", "tenant_id", "action", "object", "outcome", "request_id",
+                "source", "prev_hash", "mac")
+        a, b = ({c: getattr(rows[n], c) for c in cols} for n in (5, 6))
+        for c in cols:
+            setattr(rows[5], c, b[c])
+            setattr(rows[6], c, a[c])
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == 5
+
+
+def test_truncating_the_tail_is_detected(fresh) -> None:  # type: ignore[no-untyped-def]
+    k, _ = fresh
+    make_history(k)
+    last = len(events(k))
+    with k.db.write() as s:
+        s.execute(text("DELETE FROM audit_events WHERE seq > :n"), {"n": last - 3})
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == last - 2 and "truncated" in result.reason
+
+
+def test_cli_names_the_first_bad_sequence(fresh, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`kms audit verify` exits non-zero and names the sequence."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    k, _ = fresh
+    make_history(k)
+    with k.db.write() as s:
+        s.execute(text("UPDATE audit_events SET object = 'x' WHERE seq = 4"))
+    db = tmp_path / "audit.sqlite3"
+    env = {"KMS_HOME": str(settings.home), "KMS_DATABASE_URL": f"sqlite:///{db}"}
+    r = CliRunner().invoke(main, ["audit", "verify"], env=env)
+    assert r.exit_code != 0 and "sequence 4" in r.output, r.output
+
+
+def test_sixteen_concurrent_writers_make_one_unbroken_chain(fresh) -> None:  # type: ignore[no-untyped-def]
+    k, _ = fresh
+    tid, callers, _ = populate(k, "busy", volumes=0, keys=1)
+    before = len(events(k))
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(6):
+                k.volumes.create(callers["hypervisor"], volume_id=f"w{n}-{i}",
+                                 cipher="aes-xts-plain64", key_bits=512)
+                k.volumes.fetch_key(callers["hypervisor"], f"w{n}-{i}")
+                k.appkeys.encrypt(callers["app"], "key-0", b"data")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    evs = events(k)
+    assert len(evs) == before + 16 * 6 * 3
+    assert [e["seq"] for e in evs] == list(range(1, len(evs) + 1))
+    assert k.audit_verify().ok
+
+
+class CrashBeforeCommit(BaseException):
+    pass
+
+
+class FaultyDatabase:
+    """The real database, whose write transactions die just before their commit."""
+
+    def __init__(self, real: Database):
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    @contextmanager
+    def write(self) -> Iterator[Any]:
+        with self._real.write() as s:
+            yield s
+            s.flush()
+            raise CrashBeforeCommit()
+
+
+def test_a_crash_before_commit_leaves_neither_change_nor_event(fresh) -> None:  # type: ignore[no-untyped-def]
+    k, clock = fresh
+    tid, callers, _ = populate(k, "crashy", volumes=1, keys=0)
+    before = len(events(k))
+    broken = Kms(db=FaultyDatabase(k.db), hsm=k.hsm, clock=clock)  # type: ignore[arg-type]
+    with pytest.raises(CrashBeforeCommit):
+        broken.volumes.create(callers["hypervisor"], volume_id="never",
+                              cipher="aes-xts-plain64", key_bits=512)
+    with pytest.raises(CrashBeforeCommit):
+        broken.lifecycle.suspend(tid)
+    with pytest.raises(CrashBeforeCommit):
+        broken.volumes.delete(callers["hypervisor"], "vol-0")
+    assert len(events(k)) == before
+    with k.db.read() as s:
+        assert s.get(Volume, (tid, "never")) is None and s.get(Volume, (tid, "vol-0"))
+        assert s.get(Tenant, tid).status == "active"
+    assert k.audit_verify().ok
+
+
+class NoJournalHsm:
+    """The real token, whose HMAC (the journal's key) is unavailable."""
+
+    def __init__(self, real: Any):
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def hmac_sha256(self, cka_id: bytes, data: bytes) -> bytes:
+        raise HsmUnavailable("the security token is unavailable")
+
+
+def test_without_a_journal_destructive_operations_fail_503_and_change_nothing(fresh) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from kms.config import Settings
+
+    k, clock = fresh
+    tid, callers, tokens = populate(k, "no journal", volumes=1, keys=1)
+    k.lifecycle.serve_notice(tid)
+    tid2, _, _ = populate(k, "no journal 2", volumes=1, keys=0)
+    before = len(events(k))
+    blind = Kms(db=k.db, hsm=NoJournalHsm(k.hsm), clock=clock)
+    with pytest.raises(ServiceUnavailable):
+        blind.lifecycle.serve_notice(tid2)
+    with pytest.raises(ServiceUnavailable):
+        blind.lifecycle.cancel_notice(tid)
+    clock.advance(timedelta(days=21))
+    outcome = blind.erasure.erase(tid)
+    assert outcome.state == "erasure_failed" and outcome.error == "service_unavailable"
+    with TestClient(create_app(Settings(), blind), raise_server_exceptions=False) as c:
+        r = c.delete("/v1/volumes/vol-0",
+                     headers={"Authorization": f"Bearer {tokens['hypervisor']}"})
+        assert r.status_code == 503 and r.json()["code"] == "service_unavailable"
+        assert r.headers["retry-after"]
+        r = c.post("/v1/volumes/vol-0/key",
+                   headers={"Authorization": f"Bearer {tokens['hypervisor']}"})
+        assert r.status_code == 503, "no key is released without its journal event"
+    assert k.tenants.show(tid).status == "notice" and k.tenants.show(tid2).status == "active"
+    assert k.hsm.find_objects(label_prefix=f"kms/{tid}/")
+    with k.db.read() as s:
+        assert s.get(Volume, (tid, "vol-0")) is not None
+    assert len(events(k)) == before
+    assert k.erasure.erase(tid).state == "erased"  # with the journal back, it completes
+
+
+def test_purge_refuses_recent_events_and_keeps_the_chain_verifiable(fresh) -> None:  # type: ignore[no-untyped-def]
+    k, clock = fresh
+    make_history(k)
+    n_old = len(events(k))
+    clock.advance(timedelta(days=200))
+    make_history_2 = populate(k, "later", volumes=1, keys=0)
+    assert make_history_2
+    retention = timedelta(days=183)
+    with pytest.raises(InvalidRequest):
+        k.audit_purge(before=clock.now() - timedelta(days=10), retention=retention)
+    deleted = k.audit_purge(before=clock.now() - retention, retention=retention)
+    assert deleted == n_old
+    result = k.audit_verify()
+    assert result.ok, result
+    assert events(k)[0]["seq"] == n_old + 1 and events(k)[-1]["action"] == "audit.purge"
+    with k.db.write() as s:
+        s.execute(text("UPDATE audit_checkpoint SET first_seq = first_seq + 1"))
+    assert not k.audit_verify().ok
+
+
+OPS = st.lists(st.tuples(st.sampled_from("ab"),
+                         st.sampled_from(["volume", "fetch", "encrypt", "key", "suspend"])),
+               max_size=25)
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_tenant_export_has_all_and_only_its_events(fresh, ops) -> None:  # type: ignore[no-untyped-def]
+    """Random interleavings of two tenants' operations: each tenant's export is exactly
+    the events of its own operations, in order."""
+    k, _ = fresh
+    tenants = {}
+    expected: dict[str, list[str]] = {}
+    for name in "ab":
+        tid, callers, _ = populate(k, f"prop {name} {len(k.tenants.list())}", volumes=1,
+                                   keys=1)
+        tenants[name] = (tid, callers)
+        expected[tid] = [e["action"] for e in k.audit_export(tenant_id=tid)]
+    counter = 0
+    for who, op in ops:
+        tid, c = tenants[who]
+        counter += 1
+        if op == "volume":
+            k.volumes.create(c["hypervisor"], volume_id=f"p{counter}", cipher="aes-xts-plain64",
+                             key_bits=512)
+            expected[tid].append("volume.create")
+        elif op == "fetch":
+            k.volumes.fetch_key(c["hypervisor"], "vol-0")
+            expected[tid].append("volume.key_fetch")
+        elif op == "encrypt":
+            k.appkeys.encrypt(c["app"], "key-0", b"p")
+            expected[tid].append("key.encrypt")
+        elif op == "key":
+            k.appkeys.create(c["tenant-admin"], name=f"k{counter}", key_type="aes256-gcm")
+            expected[tid].append("key.create")
+        else:
+            k.lifecycle.suspend(tid)
+            k.lifecycle.resume(tid)
+            expected[tid] += ["tenant.suspend", "tenant.resume"]
+    for tid, actions in expected.items():
+        export = k.audit_export(tenant_id=tid)
+        assert [e["action"] for e in export] == actions
+        assert all(e["tenant"] == tid for e in export)
+        assert json.dumps(export).count(tid) >= len(export)
