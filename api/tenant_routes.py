@@ -18,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from kms.audit import current_context
+from api.problems import language, status_of
 from kms.caller import ROLE_TENANT_ADMIN, Caller
 from kms.clock import require_aware
 from kms.errors import InvalidRequest, Unauthenticated
+from kms.secret import SecretBytes
 from kms.service import Kms
 
 router = APIRouter(prefix="/v1")
@@ -62,19 +64,41 @@ class KeyCreate(_Strict):
     type: str = "aes256-gcm"
 
 
-class EncryptBody(_Strict):
+class EncryptItem(_Strict):
     plaintext: str
     context: str | None = None
 
 
-class DecryptBody(_Strict):
+class EncryptBody(_Strict):
+    plaintext: str | None = None
+    context: str | None = None
+    batch: list[EncryptItem] | None = None
+
+
+class DecryptItem(_Strict):
     ciphertext: str = Field(max_length=1 << 24)
     context: str | None = None
+
+
+class DecryptBody(_Strict):
+    ciphertext: str | None = Field(default=None, max_length=1 << 24)
+    context: str | None = None
+    batch: list[DecryptItem] | None = None
 
 
 class DatakeyBody(_Strict):
     bits: int = 256
     context: str | None = None
+    wrapped_only: bool = False
+
+
+class KeyPatch(_Strict):
+    min_decryption_version: int | None = None
+    enabled: bool | None = None
+
+
+class VersionPatch(_Strict):
+    state: str
 
 
 def _b64(value: str | None, field: str) -> bytes:
@@ -111,10 +135,20 @@ def fetch_volume_key(volume_id: str, caller: CallerDep, kms: KmsDep) -> Response
     return _no_store(body)
 
 
+@router.get("/volumes/{volume_id}")
+def volume_status(volume_id: str, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    """A live volume, or a deleted one with the status of its erasure."""
+    return kms.volumes.status(caller, volume_id)
+
+
 @router.delete("/volumes/{volume_id}", status_code=204)
 def delete_volume(volume_id: str, caller: CallerDep, kms: KmsDep) -> Response:
-    kms.volumes.delete(caller, volume_id)
-    return Response(status_code=204)
+    """204 as the contract says; the headers tell when the erasure will be complete."""
+    erasure = kms.volumes.delete(caller, volume_id)["erasure"]
+    headers = {"Kms-Erasure-Status": erasure["status"]}
+    if "complete_by" in erasure:
+        headers["Kms-Erasure-Complete-By"] = erasure["complete_by"]
+    return Response(status_code=204, headers=headers)
 
 
 # -- application keys -------------------------------------------------------------------
@@ -134,23 +168,74 @@ def show_key(name: str, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
     return kms.appkeys.show(caller, name).public()
 
 
+@router.patch("/keys/{name}")
+def update_key(name: str, body: KeyPatch, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    return kms.appkeys.update(caller, name, min_decryption_version=body.min_decryption_version,
+                              enabled=body.enabled).public()
+
+
+@router.post("/keys/{name}/rotate")
+def rotate_key(name: str, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    return kms.appkeys.rotate(caller, name).public()
+
+
+@router.patch("/keys/{name}/versions/{version}")
+def set_version_state(name: str, version: int, body: VersionPatch, caller: CallerDep,
+                      kms: KmsDep) -> dict[str, Any]:
+    return kms.appkeys.set_version_state(caller, name, version, body.state).public()
+
+
 @router.post("/keys/{name}/encrypt")
 def encrypt(name: str, body: EncryptBody, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    ciphertext, version = kms.appkeys.encrypt(
-        caller, name, _b64(body.plaintext, "plaintext"), context=_b64(body.context, "context"))
-    return {"ciphertext": ciphertext, "key_version": version}
+    if (body.plaintext is None) == (body.batch is None):
+        raise InvalidRequest("give either plaintext or batch", field="plaintext")
+    if body.batch is None:
+        ciphertext, version = kms.transit.encrypt(
+            caller, name, _b64(body.plaintext, "plaintext"),
+            context=_b64(body.context, "context"))
+        return {"ciphertext": ciphertext, "key_version": version}
+    items = [(_b64(i.plaintext, f"batch.{n}.plaintext"), _b64(i.context, f"batch.{n}.context"))
+             for n, i in enumerate(body.batch)]
+    results = kms.transit.encrypt_batch(caller, name, items)
+    return {"batch_results": [{"ciphertext": r.value, "key_version": r.version}
+                              for r in results]}
 
 
 @router.post("/keys/{name}/decrypt")
-def decrypt(name: str, body: DecryptBody, caller: CallerDep, kms: KmsDep) -> Response:
-    plaintext = kms.appkeys.decrypt(caller, name, body.ciphertext,
-                                    context=_b64(body.context, "context"))
-    return _no_store({"plaintext": _b64out(plaintext.reveal())})
+def decrypt(name: str, body: DecryptBody, caller: CallerDep, kms: KmsDep,
+            request: Request) -> Response:
+    if (body.ciphertext is None) == (body.batch is None):
+        raise InvalidRequest("give either ciphertext or batch", field="ciphertext")
+    if body.batch is None:
+        plaintext = kms.transit.decrypt(caller, name, body.ciphertext or "",
+                                        context=_b64(body.context, "context"))
+        return _no_store({"plaintext": _b64out(plaintext.reveal())})
+    items = [(i.ciphertext, _b64(i.context, f"batch.{n}.context"))
+             for n, i in enumerate(body.batch)]
+    lang = language(request.headers.get("accept-language"))
+    out = []
+    for r in kms.transit.decrypt_batch(caller, name, items):
+        if r.error is not None:
+            out.append({"error": {"code": r.error.code, "status": status_of(r.error.code)}})
+        else:
+            assert isinstance(r.value, SecretBytes)
+            out.append({"plaintext": _b64out(r.value.reveal())})
+    return _no_store({"batch_results": out}, lang)
+
+
+@router.post("/keys/{name}/rewrap")
+def rewrap(name: str, body: DecryptItem, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+    ciphertext, version = kms.transit.rewrap(caller, name, body.ciphertext,
+                                             context=_b64(body.context, "context"))
+    return {"ciphertext": ciphertext, "key_version": version}
 
 
 @router.post("/keys/{name}/datakey")
 def datakey(name: str, body: DatakeyBody, caller: CallerDep, kms: KmsDep) -> Response:
-    dk = kms.appkeys.datakey(caller, name, bits=body.bits, context=_b64(body.context, "context"))
+    dk = kms.transit.datakey(caller, name, bits=body.bits, context=_b64(body.context, "context"),
+                             wrapped_only=body.wrapped_only)
+    if dk.plaintext is None:
+        return _no_store({"ciphertext": dk.ciphertext})
     return _no_store({"plaintext": _b64out(dk.plaintext.reveal()), "ciphertext": dk.ciphertext})
 
 
@@ -188,5 +273,8 @@ def _since(value: str | None) -> datetime | None:
             from None
 
 
-def _no_store(body: dict[str, Any]) -> Response:
-    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+def _no_store(body: dict[str, Any], lang: str | None = None) -> Response:
+    headers = {"Cache-Control": "no-store"}
+    if lang:
+        headers["Content-Language"] = lang
+    return JSONResponse(body, headers=headers)

@@ -209,6 +209,21 @@ _state_command("suspend", "Suspend a tenant: every use answers 403 until resumed
 _state_command("resume", "Resume a suspended tenant.", "resume")
 
 
+@tenant.command("rotate-kek")
+@click.argument("tenant_id")
+@command
+@click.pass_obj
+def tenant_rotate_kek(obj: Ctx, tenant_id: str, as_json: bool) -> None:
+    """New KEK generation, every blob rewrapped, the old generation destroyed (resumes an
+    interrupted rotation)."""
+    result = obj.kms().kek_rotation.rotate(tenant_id)
+    if result.state == "skipped":
+        fail("another KEK rotation of this tenant is running")
+    emit(result.public(), as_json,
+         lambda d: f"{d['tenant_id']}: KEK generation {d['active_generation']} active, "
+                   f"{d['rewrapped']} blob(s) rewrapped, destroyed {d['destroyed_generations']}")
+
+
 @main.group()
 def erasure() -> None:
     """End-of-contract erasure."""

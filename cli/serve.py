@@ -127,11 +127,16 @@ async def _serve_all(servers: list[_Server]) -> None:
 
 
 def _erasure_loop(kms: Kms, settings: Settings, stop: threading.Event) -> None:
-    """The periodic erasure task: the same runner as `kms erasure run`."""
+    """The periodic tasks: due erasures (as `kms erasure run`) and scheduled KEK
+    rotations (as `kms tenant rotate-kek`)."""
     while not stop.wait(settings.erasure_interval_seconds):
         try:
             for outcome in kms.erasure.run_due():
                 if outcome.state != "skipped":
                     log.info("erasure run", extra=outcome.public())
+            for rotation in kms.kek_rotation.run_due():
+                if rotation.state != "skipped":
+                    log.info("KEK rotated", extra={"tenant": rotation.tenant_id,
+                                                   "rewrapped": rotation.rewrapped})
         except Exception as exc:  # noqa: BLE001 - the loop must survive a bad run
-            log.error("erasure run failed: %s", type(exc).__name__)
+            log.error("periodic task failed: %s", type(exc).__name__)

@@ -32,5 +32,8 @@ def build_kms(settings: Settings, *, clock: Clock | None = None) -> Kms:
         argon2=Argon2Parameters(settings.argon2_time_cost, settings.argon2_memory_kib,
                                 settings.argon2_parallelism),
         incompatible_roles=tuple((a, b) for a, b in settings.incompatible_roles),
-        audit_data_plane=settings.audit_data_plane)
+        audit_data_plane=settings.audit_data_plane,
+        key_version_max_encryptions=settings.key_version_max_encryptions,
+        kek_max_encryptions=settings.kek_max_encryptions,
+        kek_rotation_days=settings.kek_rotation_days)
     return Kms(db=db, hsm=hsm, clock=clock or SystemClock(), options=options)

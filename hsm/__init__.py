@@ -7,6 +7,7 @@ from hsm.errors import (
     HsmDestroyUnconfirmed,
     HsmError,
     HsmKeyNotFound,
+    HsmKeyUsageRefused,
     HsmLoginFailed,
     HsmMechanismMissing,
     HsmUnavailable,
@@ -15,5 +16,6 @@ from hsm.errors import (
 __all__ = [
     "GCM_IV_BYTES", "Pkcs11Hsm", "TokenInfo", "TokenObject", "HsmAmbiguousKey",
     "HsmDecryptFailed", "HsmDestroyUnconfirmed", "HsmError", "HsmKeyNotFound",
+    "HsmKeyUsageRefused",
     "HsmLoginFailed", "HsmMechanismMissing", "HsmUnavailable",
 ]

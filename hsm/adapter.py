@@ -31,6 +31,7 @@ from hsm.errors import (
     HsmDestroyUnconfirmed,
     HsmError,
     HsmKeyNotFound,
+    HsmKeyUsageRefused,
     HsmLoginFailed,
     HsmMechanismMissing,
     HsmUnavailable,
@@ -54,6 +55,12 @@ _SESSION_LOST: tuple[type[Exception], ...] = (
     p11e.UserNotLoggedIn,
     p11e.ObjectHandleInvalid,
     p11e.KeyHandleInvalid,
+)
+
+# A key used for what it was not made for: refused by the token or by the binding, which
+# gives no encrypt() to a MAC key and no sign() to a KEK.
+_MISUSE: tuple[type[Exception], ...] = (
+    AttributeError, p11e.KeyTypeInconsistent, p11e.MechanismInvalid,
 )
 
 _REQUIRED_MECHANISMS = (
@@ -180,6 +187,8 @@ class Pkcs11Hsm:
                     return fn(self._session)
                 except HsmError:
                     raise
+                except _MISUSE as exc:
+                    raise HsmKeyUsageRefused("the token refused this use of the key") from exc
                 except _SESSION_LOST as exc:
                     self._reset()
                     if attempt == 2 or not retry:
@@ -238,8 +247,7 @@ class Pkcs11Hsm:
                 label = obj[Attribute.LABEL] or ""
                 if label_prefix is not None and not label.startswith(label_prefix):
                     continue
-                out.append(TokenObject(bytes(obj[Attribute.ID] or b""), label,
-                                       ObjectClass(obj[Attribute.CLASS]).name))
+                out.append(_describe(obj, label))
             return out
 
         return self._run(op)
@@ -379,13 +387,62 @@ class Pkcs11Hsm:
         self._run(op)
         self._confirm_absent(cka_id=cka_id)
 
-    def destroy_by_label_prefix(self, label_prefix: str) -> list[bytes]:
-        """Destroy every object whose label starts with the prefix (catches orphans)."""
-        ids = sorted({o.cka_id for o in self.find_objects(label_prefix=label_prefix)})
-        for cka_id in ids:
-            self.destroy(cka_id)
+    def destroy_by_label_prefix(self, label_prefix: str) -> list[TokenObject]:
+        """Destroy every object whose label starts with the prefix (orphan keys, counters),
+        then confirm by a fresh search. Returns what was destroyed."""
+        if not label_prefix:
+            raise ValueError("refusing to destroy by an empty label prefix")
+
+        def op(session: Any) -> list[TokenObject]:
+            gone = []
+            for obj in list(session.get_objects()):
+                label = obj[Attribute.LABEL] or ""
+                if label.startswith(label_prefix):
+                    described = _describe(obj, label)
+                    try:
+                        obj.destroy()
+                    except (p11e.FunctionRejected, p11e.GeneralError, p11e.FunctionFailed,
+                            p11e.DeviceMemory, p11e.TokenWriteProtected) as exc:
+                        raise HsmDestroyUnconfirmed("the token refused to destroy an "
+                                                    "object") from exc
+                    gone.append(described)
+            self._handles.clear()
+            return gone
+
+        destroyed = self._run(op)
         self._confirm_absent(label_prefix=label_prefix)
-        return ids
+        return destroyed
+
+    # -- monotonic counters (usage limits that a database restore cannot roll back) -----
+
+    def read_counter(self, label: str) -> int:
+        """The highest value stored under this label (0 when none)."""
+        def op(session: Any) -> int:
+            objs = session.get_objects({Attribute.CLASS: ObjectClass.DATA,
+                                        Attribute.LABEL: label,
+                                        Attribute.APPLICATION: _COUNTER_APP})
+            return max((int.from_bytes(bytes(o[Attribute.VALUE]), "big") for o in list(objs)),
+                       default=0)
+
+        return self._run(op)
+
+    def raise_counter(self, label: str, value: int) -> None:
+        """Store `value` under `label` unless a higher value is already there. The new
+        object is written before older ones are removed, so a crash never lowers it."""
+        def op(session: Any) -> None:
+            query = {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label,
+                     Attribute.APPLICATION: _COUNTER_APP}
+            old = list(session.get_objects(query))
+            values = [int.from_bytes(bytes(o[Attribute.VALUE]), "big") for o in old]
+            if values and max(values) >= value:
+                return
+            session.create_object({**query, Attribute.TOKEN: True, Attribute.PRIVATE: True,
+                                   Attribute.MODIFIABLE: False,
+                                   Attribute.VALUE: value.to_bytes(8, "big")})
+            for o in old:
+                o.destroy()
+
+        self._run(op, retry=False)
 
     def _confirm_absent(self, *, cka_id: bytes | None = None,
                         label_prefix: str | None = None) -> None:
@@ -420,6 +477,17 @@ class Pkcs11Hsm:
         """Hold the adapter lock across several calls (fault-injection tests use it)."""
         with self._lock:
             yield
+
+
+_COUNTER_APP = "kms-counter"
+
+
+def _describe(obj: Any, label: str) -> TokenObject:
+    try:
+        cka_id = bytes(obj[Attribute.ID] or b"")
+    except p11e.PKCS11Error:  # data objects have no CKA_ID
+        cka_id = b""
+    return TokenObject(cka_id, label, ObjectClass(obj[Attribute.CLASS]).name)
 
 
 def _secret_template(*, encrypt: bool = False, sign: bool = False) -> dict[Attribute, bool]:

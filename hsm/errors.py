@@ -38,3 +38,7 @@ class HsmDestroyUnconfirmed(HsmError):
 
 class HsmLoginFailed(HsmError):
     """The user PIN was refused or the token with this label does not exist."""
+
+
+class HsmKeyUsageRefused(HsmError):
+    """A key was asked for an operation outside its single purpose (usage separation)."""

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     notice_days: int = MIN_NOTICE_DAYS
     key_cache_size: int = Field(default=10_000, ge=0)
     erasure_interval_seconds: float = Field(default=60.0, gt=0)
+    # Key usage limits (SP 800-38D: < 2^32 random-IV encryptions per key) and renewal.
+    key_version_max_encryptions: int = Field(default=2**30, ge=1, le=2**32 - 1)
+    kek_max_encryptions: int = Field(default=2**30, ge=1, le=2**32 - 1)
+    kek_rotation_days: int = Field(default=90, ge=1)
     # Audit journal (12.6-12.8): kept at least six months; data-plane events on by default.
     audit_retention_days: int = Field(default=183, ge=183)
     audit_data_plane: bool = True

@@ -33,6 +33,7 @@ from kms.models import (
     AppKey,
     AppKeyVersion,
     Certificate,
+    DeletedVolume,
     Erasure,
     Kek,
     Notice,
@@ -187,7 +188,9 @@ class ErasureRunner:
                 _record_ids(s.get(Erasure, tenant_id), [cka_hex])
         orphans = self._hsm.destroy_by_label_prefix(tenant_label_prefix(tenant_id))
         with self._db.write() as s:
-            _record_ids(s.get(Erasure, tenant_id), [o.hex() for o in orphans])
+            _record_ids(s.get(Erasure, tenant_id),
+                        [o.cka_id.hex() if o.cka_id else f"{o.object_class}:{o.label}"
+                         for o in orphans])
             self._advance(s, tenant_id, "destroy_keys")
 
     def _verify_absent(self, tenant_id: str) -> None:
@@ -197,7 +200,7 @@ class ErasureRunner:
             assert job is not None
             ids = json.loads(job.destroyed_ids)
             known = [k.cka_id for k in s.scalars(select(Kek).where(Kek.tenant_id == tenant_id))]
-        searched = sorted(set(ids) | set(known))
+        searched = sorted({i for i in ids if ":" not in i} | set(known))
         found = [o for cka in searched for o in self._hsm.find_objects(cka_id=bytes.fromhex(cka))]
         found += self._hsm.find_objects(label_prefix=prefix)
         if found:
@@ -225,6 +228,8 @@ class ErasureRunner:
                 "volumes": s.execute(delete(Volume).where(Volume.tenant_id == tenant_id)).rowcount,
                 "principals": s.execute(delete(Principal).where(
                     Principal.tenant_id == tenant_id)).rowcount,
+                "deleted_volume_records": s.execute(delete(DeletedVolume).where(
+                    DeletedVolume.tenant_id == tenant_id)).rowcount,
             }
             self._advance(s, tenant_id, "delete_data").deleted_counts = json.dumps(counts)
 

@@ -45,9 +45,10 @@ def tenant_label_prefix(tenant_id: str) -> str:
 
 
 class Keyring:
-    def __init__(self, *, hsm: Pkcs11Hsm, clock: Clock):
+    def __init__(self, *, hsm: Pkcs11Hsm, clock: Clock, kek_max_encryptions: int = 2**30):
         self._hsm = hsm
         self._clock = clock
+        self._kek_cap = kek_max_encryptions
 
     def create_kek(self, session: Session, *, tenant_id: str, generation: int) -> Kek:
         """Generate a KEK generation in the token and record its CKA_ID (same transaction)."""
@@ -63,12 +64,25 @@ class Keyring:
         return kek
 
     def current_kek(self, session: Session, tenant_id: str) -> Kek:
+        """The KEK that wraps new keys. At its usage cap a new generation takes over; the
+        old one is left `retiring` for the next KEK rotation to rewrap and destroy."""
         kek = session.scalars(
             select(Kek).where(Kek.tenant_id == tenant_id, Kek.state == "active")
             .order_by(Kek.generation.desc()).limit(1)).first()
         if kek is None:
             raise KeyIntegrityError("tenant has no active KEK")
+        if kek.encryptions >= self._kek_cap:
+            kek.state = "retiring"
+            kek = self.create_kek(session, tenant_id=tenant_id,
+                                  generation=self.next_generation(session, tenant_id))
         return kek
+
+    @staticmethod
+    def next_generation(session: Session, tenant_id: str) -> int:
+        from sqlalchemy import func
+
+        return int(session.scalar(select(func.max(Kek.generation))
+                                  .where(Kek.tenant_id == tenant_id)) or 0) + 1
 
     def kek(self, session: Session, tenant_id: str, generation: int) -> Kek:
         kek = session.scalars(select(Kek).where(
@@ -78,6 +92,9 @@ class Keyring:
         return kek
 
     def wrap(self, kek: Kek, place: KeyPlace, key: bytes) -> bytes:
+        """Wrap under `kek` (which must be attached to the caller's write transaction:
+        its encryption counter moves with the new blob)."""
+        kek.encryptions += 1
         iv = os.urandom(GCM_IV_BYTES)
         try:
             sealed = self._hsm.gcm_encrypt(bytes.fromhex(kek.cka_id), key, iv=iv, aad=place.aad())

@@ -69,7 +69,9 @@ class Kek(Base):
     generation: Mapped[int] = mapped_column(Integer)
     cka_id: Mapped[str] = mapped_column(String(64), unique=True)
     label: Mapped[str] = mapped_column(String(256))
+    # active (wraps new keys) → retiring (being rewrapped away) → destroyed
     state: Mapped[str] = mapped_column(String(16), default="active")
+    encryptions: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     destroyed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
@@ -120,8 +122,24 @@ class AppKeyVersion(Base):
     kek_generation: Mapped[int] = mapped_column(Integer)
     wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
     state: Mapped[str] = mapped_column(String(16), default="active")
+    # High-water mark of encryptions reserved under this version (also kept in the token).
     encryptions: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    state_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class DeletedVolume(Base):
+    """A deleted volume: its wrapped key is gone from the live database, but backups may
+    still hold it until the KEK generation that wrapped it is destroyed (11.9)."""
+
+    __tablename__ = "deleted_volumes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    volume_id: Mapped[str] = mapped_column(String(128))
+    kek_generation: Mapped[int] = mapped_column(Integer)
+    deleted_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    erasure_completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class ServiceKey(Base):

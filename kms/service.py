@@ -13,6 +13,8 @@ from datetime import datetime, timedelta
 from hsm import HsmError, HsmMechanismMissing, HsmUnavailable, Pkcs11Hsm
 from kms.access import AccessService
 from kms.appkeys import AppKeyService
+from kms.transit import TransitService
+from kms.usage import UsageLimiter
 from kms.audit import AuditJournal, VerifyResult
 from kms.clock import require_aware
 from kms.errors import InvalidRequest
@@ -24,6 +26,7 @@ from kms.erasure import ErasureRunner
 from kms.errors import InvalidConfiguration, ServiceUnavailable
 from kms.lifecycle import LifecycleService
 from kms.signing import ServiceSigner
+from kms.kekrotation import KekRotation
 from kms.keyring import Keyring
 from kms.models import ServiceKey
 from kms.operators import OperatorService
@@ -47,6 +50,9 @@ class KmsOptions:
     argon2: Argon2Parameters = field(default_factory=Argon2Parameters)
     incompatible_roles: tuple[tuple[str, str], ...] = DEFAULT_INCOMPATIBLE_ROLES
     audit_data_plane: bool = True
+    key_version_max_encryptions: int = 2**30
+    kek_max_encryptions: int = 2**30
+    kek_rotation_days: int = 90
 
 
 class Kms:
@@ -56,7 +62,7 @@ class Kms:
         if opts.notice_days < MIN_NOTICE_DAYS:
             raise InvalidConfiguration(f"notice_days may only be raised above {MIN_NOTICE_DAYS}")
         self.db, self.hsm, self.clock = db, hsm, clock
-        self.keyring = Keyring(hsm=hsm, clock=clock)
+        self.keyring = Keyring(hsm=hsm, clock=clock, kek_max_encryptions=opts.kek_max_encryptions)
         self.audit = AuditJournal(hsm=hsm, clock=clock)
         self.audit_batcher = AuditBatcher(db=db, journal=self.audit,
                                           enabled=opts.audit_data_plane)
@@ -64,17 +70,23 @@ class Kms:
         self.tenants = TenantService(db=db, keyring=self.keyring, clock=clock, **journal)
         self.principals = PrincipalService(db=db, clock=clock,
                                            incompatible_roles=opts.incompatible_roles, **journal)
+        rotation_period = timedelta(days=opts.kek_rotation_days)
         self.volumes = VolumeService(db=db, keyring=self.keyring, clock=clock,
-                                     batcher=self.audit_batcher, **journal)
-        self.appkeys = AppKeyService(db=db, keyring=self.keyring, clock=clock,
-                                     cache_size=opts.key_cache_size,
-                                     batcher=self.audit_batcher, **journal)
+                                     batcher=self.audit_batcher,
+                                     rotation_period=rotation_period, **journal)
+        self.appkeys = AppKeyService(db=db, keyring=self.keyring, clock=clock, **journal)
+        self.limiter = UsageLimiter(hsm=hsm, cap=opts.key_version_max_encryptions)
+        self.transit = TransitService(db=db, keyring=self.keyring, keys=self.appkeys,
+                                      limiter=self.limiter, cache_size=opts.key_cache_size,
+                                      batcher=self.audit_batcher, **journal)
         self.signer = ServiceSigner(hsm=hsm)
         self.lifecycle = LifecycleService(db=db, signer=self.signer, clock=clock,
                                           notice_days=opts.notice_days,
-                                          on_state_change=self.appkeys.drop_cached, **journal)
+                                          on_state_change=self.transit.drop_cached, **journal)
         self.erasure = ErasureRunner(db=db, hsm=hsm, signer=self.signer, clock=clock,
-                                     drop_cached=self.appkeys.drop_cached, **journal)
+                                     drop_cached=self.transit.drop_cached, **journal)
+        self.kek_rotation = KekRotation(db=db, hsm=hsm, keyring=self.keyring, clock=clock,
+                                        period=rotation_period, **journal)
         self.sealer = Sealer(hsm=hsm)
         self.operators = OperatorService(db=db, clock=clock, passwords=Passwords(opts.argon2),
                                          sealer=self.sealer, **journal,

@@ -7,11 +7,14 @@ token; only the wrapped blob is stored. Fetching the key unwraps it for the call
 from __future__ import annotations
 
 import os
+from datetime import timedelta
+from typing import Any
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from kms.audit import AuditJournal
 from kms.audit_batch import AuditBatcher
@@ -20,7 +23,7 @@ from kms.clock import Clock
 from kms.db import Database
 from kms.errors import AlreadyExists, InvalidRequest, NotFound
 from kms.keyring import KeyPlace, Keyring
-from kms.models import Volume
+from kms.models import DeletedVolume, Kek, Volume
 from kms.secret import SecretBytes
 from kms.tenants import load_tenant, require_can_create, require_usable
 from kms.validation import check_identifier
@@ -59,9 +62,10 @@ def _view(v: Volume) -> VolumeView:
 
 class VolumeService:
     def __init__(self, *, db: Database, keyring: Keyring, clock: Clock, audit: AuditJournal,
-                 batcher: AuditBatcher):
+                 batcher: AuditBatcher, rotation_period: timedelta = timedelta(days=90)):
         self._db, self._keyring, self._clock = db, keyring, clock
         self._audit, self._batcher = audit, batcher
+        self._rotation_period = rotation_period
 
     def create(self, caller: Caller, *, volume_id: str, cipher: str, key_bits: int) -> VolumeView:
         """Create a volume and its key. Raises AlreadyExists if the id is taken."""
@@ -119,8 +123,10 @@ class VolumeService:
                                                  actor=caller.actor))
         return released
 
-    def delete(self, caller: Caller, volume_id: str) -> None:
-        """Delete the volume and its wrapped key at once."""
+    def delete(self, caller: Caller, volume_id: str) -> dict[str, Any]:
+        """Delete the volume and its wrapped key at once. Returns the erasure status:
+        complete when the KEK generation that wrapped the key is destroyed (backups may
+        hold the blob until then), which the next KEK rotation does."""
         caller.require(ROLE_HYPERVISOR)
         check_identifier(volume_id, field="volume_id")
         with self._db.write() as s:
@@ -128,6 +134,45 @@ class VolumeService:
             volume = s.get(Volume, (caller.tenant_id, volume_id))
             if volume is None:
                 raise NotFound("no such volume", what="volume")
+            record = DeletedVolume(tenant_id=caller.tenant_id, volume_id=volume_id,
+                                   kek_generation=volume.kek_generation,
+                                   deleted_at=self._clock.now())
+            s.add(record)
             s.delete(volume)
             self._audit.record(s, action="volume.delete", tenant_id=caller.tenant_id,
                                object=f"volume:{volume_id}", actor=caller.actor)
+            s.flush()
+            return self._deleted_status(s, record)
+
+    def status(self, caller: Caller, volume_id: str) -> dict[str, Any]:
+        """A live volume's metadata, or a deleted one's erasure status."""
+        caller.require(ROLE_HYPERVISOR)
+        check_identifier(volume_id, field="volume_id")
+        with self._db.read() as s:
+            require_usable(load_tenant(s, caller.tenant_id))
+            volume = s.get(Volume, (caller.tenant_id, volume_id))
+            if volume is not None:
+                return {**_view(volume).public(), "status": "active"}
+            record = s.scalars(select(DeletedVolume).where(
+                DeletedVolume.tenant_id == caller.tenant_id,
+                DeletedVolume.volume_id == volume_id)
+                .order_by(DeletedVolume.id.desc()).limit(1)).first()
+            if record is None:
+                raise NotFound("no such volume", what="volume")
+            return self._deleted_status(s, record)
+
+    def _deleted_status(self, s: Session, record: DeletedVolume) -> dict[str, Any]:
+        out: dict[str, Any] = {"volume_id": record.volume_id, "status": "deleted",
+                               "deleted_at": record.deleted_at.isoformat()}
+        if record.erasure_completed_at is not None:
+            out["erasure"] = {"status": "complete",
+                              "completed_at": record.erasure_completed_at.isoformat(),
+                              "kek_generation": record.kek_generation}
+            return out
+        kek = s.scalars(select(Kek).where(Kek.tenant_id == record.tenant_id,
+                                          Kek.generation == record.kek_generation)).one()
+        due = max(self._clock.now(), kek.created_at + self._rotation_period)
+        out["erasure"] = {"status": "pending_kek_rotation",
+                          "kek_generation": record.kek_generation,
+                          "complete_by": due.isoformat()}
+        return out

@@ -37,8 +37,8 @@ def fresh(kms, tmp_path):  # type: ignore[no-untyped-def]
 def make_history(k: Kms) -> str:
     tid, callers, _ = populate(k, "history", volumes=2, keys=1)
     k.volumes.fetch_key(callers["hypervisor"], "vol-0")
-    ct, _ = k.appkeys.encrypt(callers["app"], "key-0", b"x")
-    k.appkeys.decrypt(callers["app"], "key-0", ct)
+    ct, _ = k.transit.encrypt(callers["app"], "key-0", b"x")
+    k.transit.decrypt(callers["app"], "key-0", ct)
     k.lifecycle.suspend(tid)
     k.lifecycle.resume(tid)
     return tid
@@ -143,7 +143,7 @@ def test_sixteen_concurrent_writers_make_one_unbroken_chain(fresh) -> None:  # t
                 k.volumes.create(callers["hypervisor"], volume_id=f"w{n}-{i}",
                                  cipher="aes-xts-plain64", key_bits=512)
                 k.volumes.fetch_key(callers["hypervisor"], f"w{n}-{i}")
-                k.appkeys.encrypt(callers["app"], "key-0", b"data")
+                k.transit.encrypt(callers["app"], "key-0", b"data")
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -298,7 +298,7 @@ def test_tenant_export_has_all_and_only_its_events(fresh, ops) -> None:  # type:
             k.volumes.fetch_key(c["hypervisor"], "vol-0")
             expected[tid].append("volume.key_fetch")
         elif op == "encrypt":
-            k.appkeys.encrypt(c["app"], "key-0", b"p")
+            k.transit.encrypt(c["app"], "key-0", b"p")
             expected[tid].append("key.encrypt")
         elif op == "key":
             k.appkeys.create(c["tenant-admin"], name=f"k{counter}", key_type="aes256-gcm")

@@ -86,7 +86,7 @@ def test_destroy_by_label_prefix_catches_orphans(hsm) -> None:  # type: ignore[n
     b = hsm.generate_aes_kek(label="kms/t-orphan/kek/2")
     keep = hsm.generate_aes_kek(label="kms/t-orphan2/kek/1")
     destroyed = hsm.destroy_by_label_prefix("kms/t-orphan/")
-    assert sorted(destroyed) == sorted([a, b])
+    assert sorted(o.cka_id for o in destroyed) == sorted([a, b])
     assert hsm.find_objects(cka_id=keep)
     hsm.destroy(keep)
 

@@ -64,11 +64,11 @@ def test_contract_end_later_than_21_days_wins(clocked) -> None:  # type: ignore[
 def test_during_notice_existing_keys_work_and_creation_is_409(clocked) -> None:  # type: ignore[no-untyped-def]
     kms, _ = clocked
     tid, callers, _ = populate(kms, "in notice")
-    ct, _ = kms.appkeys.encrypt(callers["app"], "key-0", b"before")
+    ct, _ = kms.transit.encrypt(callers["app"], "key-0", b"before")
     kms.lifecycle.serve_notice(tid)
-    assert kms.appkeys.decrypt(callers["app"], "key-0", ct).reveal() == b"before"
+    assert kms.transit.decrypt(callers["app"], "key-0", ct).reveal() == b"before"
     assert kms.volumes.fetch_key(callers["hypervisor"], "vol-0").key_bits == 512
-    kms.appkeys.encrypt(callers["app"], "key-0", b"still works")
+    kms.transit.encrypt(callers["app"], "key-0", b"still works")
     with pytest.raises(TenantInNotice):
         kms.volumes.create(callers["hypervisor"], volume_id="new", cipher="aes-xts-plain64",
                            key_bits=512)
@@ -92,17 +92,17 @@ def test_cancel_returns_to_active(clocked) -> None:  # type: ignore[no-untyped-d
 def test_suspend_blocks_every_use_including_cached_keys(clocked) -> None:  # type: ignore[no-untyped-def]
     kms, _ = clocked
     tid, callers, tokens = populate(kms, "suspended")
-    ct, _ = kms.appkeys.encrypt(callers["app"], "key-0", b"x")  # now cached
+    ct, _ = kms.transit.encrypt(callers["app"], "key-0", b"x")  # now cached
     kms.lifecycle.suspend(tid)
     with pytest.raises(TenantSuspended):
         kms.principals.authenticate(tokens["app"])
     with pytest.raises(TenantSuspended):  # a caller authenticated before the change
-        kms.appkeys.decrypt(callers["app"], "key-0", ct)
+        kms.transit.decrypt(callers["app"], "key-0", ct)
     with pytest.raises(TenantSuspended):
         kms.volumes.fetch_key(callers["hypervisor"], "vol-0")
     assert kms.lifecycle.resume(tid)["status"] == "active"
     app = kms.principals.authenticate(tokens["app"])
-    assert kms.appkeys.decrypt(app, "key-0", ct).reveal() == b"x"
+    assert kms.transit.decrypt(app, "key-0", ct).reveal() == b"x"
 
 
 def test_suspended_during_notice_resumes_to_notice_and_is_still_erased(clocked) -> None:  # type: ignore[no-untyped-def]
@@ -140,7 +140,7 @@ def test_erasure_destroys_everything_and_certifies(clocked) -> None:  # type: ig
     assert cert["tenant"]["id"] == tid
     assert sorted(cert["destroyed_objects"]) == sorted(c.hex() for c in kek_ids + [orphan])
     assert cert["deleted_rows"] == {"volumes": 3, "app_keys": 2, "app_key_versions": 2,
-                                    "principals": 3}
+                                    "principals": 3, "deleted_volume_records": 0}
     assert cert["absence_check"]["result"] == "no object found"
     assert cert["token"]["model"] and cert["token"]["serial"]
     assert "destruction of the encryption keys" in cert["erasure"]["method"]["en"]

@@ -1,0 +1,286 @@
+"""The application data plane (like Vault Transit): encrypt, decrypt, rewrap, data keys,
+one at a time or in batches. AES-256-GCM runs in process (`kms.aead`).
+
+Unwrapped version keys are cached as AESGCM objects keyed by the tenant's epoch, so a
+tenant state change makes every cached key unusable at once. Every encryption is counted
+against its version's cap (`kms.usage`); at the cap a new version takes over.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy.orm import Session
+
+from kms import aead
+from kms.appkeys import COMPROMISED, DECRYPTABLE, REWRAPPABLE, AppKeyService, get_key, key_place
+from kms.audit import AuditJournal
+from kms.audit_batch import AuditBatcher
+from kms.caller import ROLE_APP, Caller
+from kms.db import Database
+from kms.errors import (
+    DecryptionFailed,
+    InvalidRequest,
+    KeyDisabled,
+    KeyVersionUnavailable,
+    KmsError,
+)
+from kms.keyring import Keyring
+from kms.models import AppKey, AppKeyVersion, Tenant
+from kms.secret import SecretBytes
+from kms.tenants import load_tenant, require_usable
+from kms.usage import UsageLimiter
+from kms.validation import check_identifier
+
+DATAKEY_BITS = (128, 256, 512)
+MAX_BATCH = 10_000
+SYSTEM_ROTATION = "system:usage-limit"
+
+
+@dataclass(frozen=True)
+class DataKey:
+    plaintext: SecretBytes | None
+    ciphertext: str
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """One batch item: a value, or the error code and status it would have had alone."""
+
+    value: str | SecretBytes | None = None
+    version: int | None = None
+    error: KmsError | None = None
+
+
+class _KeyCache:
+    """LRU of unwrapped version keys, keyed by (tenant, key, version, tenant epoch)."""
+
+    def __init__(self, capacity: int):
+        self._capacity = capacity
+        self._items: OrderedDict[tuple[str, str, int, int], AESGCM] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, k: tuple[str, str, int, int]) -> AESGCM | None:
+        with self._lock:
+            value = self._items.get(k)
+            if value is not None:
+                self._items.move_to_end(k)
+            return value
+
+    def put(self, k: tuple[str, str, int, int], value: AESGCM) -> None:
+        if self._capacity == 0:
+            return
+        with self._lock:
+            self._items[k] = value
+            self._items.move_to_end(k)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+    def drop(self, tenant_id: str, name: str | None = None) -> None:
+        with self._lock:
+            for k in [k for k in self._items if k[0] == tenant_id
+                      and (name is None or k[1] == name)]:
+                del self._items[k]
+
+
+class TransitService:
+    def __init__(self, *, db: Database, keyring: Keyring, keys: AppKeyService,
+                 limiter: UsageLimiter, cache_size: int, audit: AuditJournal,
+                 batcher: AuditBatcher):
+        self._db, self._keyring, self._keys, self._limiter = db, keyring, keys, limiter
+        self._cache = _KeyCache(cache_size)
+        self._audit, self._batcher = audit, batcher
+
+    def drop_cached(self, tenant_id: str) -> None:
+        self._cache.drop(tenant_id)
+
+    # -- single operations ------------------------------------------------------------
+
+    def encrypt(self, caller: Caller, name: str, plaintext: bytes, *,
+                context: bytes = b"") -> tuple[str, int]:
+        """Encrypt under the latest version; returns (ciphertext string, version)."""
+        [result] = self.encrypt_batch(caller, name, [(plaintext, context)], batch=False)
+        if result.error is not None:
+            raise result.error
+        assert isinstance(result.value, str) and result.version is not None
+        return result.value, result.version
+
+    def decrypt(self, caller: Caller, name: str, ciphertext: str, *,
+                context: bytes = b"") -> SecretBytes:
+        """Raises DecryptionFailed for every authentication failure, whatever its cause."""
+        [result] = self.decrypt_batch(caller, name, [(ciphertext, context)], batch=False)
+        if result.error is not None:
+            raise result.error
+        assert isinstance(result.value, SecretBytes)
+        return result.value
+
+    def rewrap(self, caller: Caller, name: str, ciphertext: str, *,
+               context: bytes = b"") -> tuple[str, int]:
+        """Re-encrypt under the latest version without the plaintext leaving the service.
+        Compromised versions may be rewrapped (that is how their data is rescued)."""
+        caller.require(ROLE_APP)
+        check_identifier(name, field="name")
+        version, blob = aead.parse_ciphertext(ciphertext)
+        old = self._opener(caller, name, version, REWRAPPABLE)
+        plaintext = self._open(old, name, version, blob, context, caller, "key.rewrap")
+        [result] = self._seal_all(caller, name, [(plaintext, context)], action="key.rewrap")
+        assert isinstance(result.value, str) and result.version is not None
+        return result.value, result.version
+
+    def datakey(self, caller: Caller, name: str, *, bits: int, context: bytes = b"",
+                wrapped_only: bool = False) -> DataKey:
+        """A fresh random data key, encrypted under `name` (and in plaintext unless
+        `wrapped_only`)."""
+        caller.require(ROLE_APP)
+        if bits not in DATAKEY_BITS:
+            raise InvalidRequest("bits must be 128, 256 or 512", field="bits")
+        key = os.urandom(bits // 8)
+        [result] = self._seal_all(caller, name, [(key, context)], action="key.datakey")
+        assert isinstance(result.value, str)
+        return DataKey(None if wrapped_only else SecretBytes(key), result.value)
+
+    # -- batches ------------------------------------------------------------------------
+
+    def encrypt_batch(self, caller: Caller, name: str, items: list[tuple[bytes, bytes]], *,
+                      batch: bool = True) -> list[ItemResult]:
+        caller.require(ROLE_APP)
+        _check_batch(items)
+        return self._seal_all(caller, name, items, action="key.encrypt", batch=batch)
+
+    def decrypt_batch(self, caller: Caller, name: str, items: list[tuple[str, bytes]], *,
+                      batch: bool = True) -> list[ItemResult]:
+        """Per item: the plaintext, or the error it would get alone."""
+        caller.require(ROLE_APP)
+        check_identifier(name, field="name")
+        _check_batch(items)
+        ciphers: dict[int, AESGCM | KmsError] = {}
+        results, failures = [], 0
+        for ciphertext, context in items:
+            try:
+                version, blob = aead.parse_ciphertext(ciphertext)
+                if version not in ciphers:
+                    try:
+                        ciphers[version] = self._opener(caller, name, version, DECRYPTABLE)
+                    except (DecryptionFailed, KeyVersionUnavailable) as exc:
+                        ciphers[version] = exc
+                cipher = ciphers[version]
+                if isinstance(cipher, KmsError):
+                    raise cipher
+                plaintext = aead.open_sealed(cipher, blob, aad=aead.app_aad(
+                    key_name=name, version=version, context=context))
+                results.append(ItemResult(SecretBytes(plaintext), version))
+            except (DecryptionFailed, KeyVersionUnavailable) as exc:
+                failures += 1
+                results.append(ItemResult(error=exc))
+        if not batch and failures:
+            self._journal(caller, "key.decrypt", f"key:{name}", "failure")
+            return results
+        self._journal(caller, "key.decrypt", f"key:{name}" + _count(len(items), batch),
+                      "success" if not failures else f"partial:{failures}")
+        return results
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _seal_all(self, caller: Caller, name: str, items: list[tuple[bytes, bytes]], *,
+                  action: str, batch: bool = False) -> list[ItemResult]:
+        check_identifier(name, field="name")
+        version, cipher = self._reserve(caller, name, len(items))
+        out = []
+        for plaintext, context in items:
+            blob = aead.seal(cipher, plaintext,
+                             aad=aead.app_aad(key_name=name, version=version, context=context))
+            out.append(ItemResult(aead.format_ciphertext(version, blob), version))
+        self._journal(caller, action, f"key:{name}:v{version}" + _count(len(items), batch),
+                      "success")
+        return out
+
+    def _reserve(self, caller: Caller, name: str, n: int) -> tuple[int, AESGCM]:
+        """The latest usable version with `n` encryptions reserved under it; rotates the
+        key when its latest version has reached the cap."""
+        with self._db.read() as s:
+            tenant, key = self._usable(s, caller, name)
+            row = s.get(AppKeyVersion, (key.id, key.latest_version))
+            if row is None or row.state != "active":
+                raise KeyVersionUnavailable("the latest version may not encrypt: rotate")
+            if self._limiter.try_take_local(key.id, row.version, n):
+                return row.version, self._cipher(s, tenant, key, row)
+        with self._db.write() as s:
+            tenant, key = self._usable(s, caller, name)
+            row = s.get(AppKeyVersion, (key.id, key.latest_version))
+            assert row is not None
+            if row.state != "active":
+                raise KeyVersionUnavailable("the latest version may not encrypt: rotate")
+            if not self._limiter.reserve(s, tenant_id=tenant.id, key_name=name, row=row, n=n):
+                row = self._keys.add_version(s, tenant.id, key)
+                self._audit.record(s, action="key.rotate", tenant_id=tenant.id,
+                                   object=f"key:{name}:v{row.version}:usage-cap",
+                                   actor=SYSTEM_ROTATION)
+                if not self._limiter.reserve(s, tenant_id=tenant.id, key_name=name, row=row,
+                                             n=n):
+                    raise InvalidRequest("batch larger than a key version may encrypt",
+                                         field="batch")
+            return row.version, self._cipher(s, tenant, key, row)
+
+    def _opener(self, caller: Caller, name: str, version: int,
+                allowed: tuple[str, ...]) -> AESGCM:
+        with self._db.read() as s:
+            tenant, key = self._usable(s, caller, name)
+            if version > key.latest_version:
+                raise DecryptionFailed()
+            if version < key.min_decryption_version:
+                raise KeyVersionUnavailable("version below min_decryption_version")
+            row = s.get(AppKeyVersion, (key.id, version))
+            if row is None:
+                raise DecryptionFailed()
+            if row.state not in allowed:
+                raise KeyVersionUnavailable(f"version is {row.state}")
+            return self._cipher(s, tenant, key, row)
+
+    def _open(self, cipher: AESGCM, name: str, version: int, blob: bytes, context: bytes,
+              caller: Caller, action: str) -> bytes:
+        try:
+            return aead.open_sealed(cipher, blob, aad=aead.app_aad(
+                key_name=name, version=version, context=context))
+        except DecryptionFailed:
+            self._journal(caller, action, f"key:{name}:v{version}", "failure")
+            raise
+
+    def _usable(self, s: Session, caller: Caller, name: str) -> tuple[Tenant, AppKey]:
+        tenant = load_tenant(s, caller.tenant_id)
+        require_usable(tenant)
+        key = get_key(s, caller.tenant_id, name)
+        if not key.enabled:
+            raise KeyDisabled("key is disabled")
+        return tenant, key
+
+    def _cipher(self, s: Session, tenant: Tenant, key: AppKey, row: AppKeyVersion) -> AESGCM:
+        cache_key = (tenant.id, key.name, row.version, tenant.epoch)
+        cipher = self._cache.get(cache_key)
+        if cipher is not None and row.state != COMPROMISED:
+            return cipher
+        if not row.wrapped_key:
+            raise DecryptionFailed()
+        kek = self._keyring.kek(s, tenant.id, row.kek_generation)
+        cipher = AESGCM(self._keyring.unwrap(kek, key_place(tenant.id, key.name, row.version),
+                                             row.wrapped_key))
+        if row.state != COMPROMISED:
+            self._cache.put(cache_key, cipher)
+        return cipher
+
+    def _journal(self, caller: Caller, action: str, obj: str, outcome: str) -> None:
+        self._batcher.submit(self._audit.pending(action=action, tenant_id=caller.tenant_id,
+                                                 object=obj, outcome=outcome,
+                                                 actor=caller.actor))
+
+
+def _check_batch(items: list[object]) -> None:
+    if not items or len(items) > MAX_BATCH:
+        raise InvalidRequest(f"a batch holds 1 to {MAX_BATCH} items", field="batch")
+
+
+def _count(n: int, batch: bool) -> str:
+    return f":batch={n}" if batch else ""
