@@ -168,3 +168,78 @@ def test_tenant_audit_export_over_the_api(client, new_tenant) -> None:  # type: 
     naive = client.get("/v1/tenant/audit?since=2026-01-01T00:00:00",
                        headers=a.auth("tenant-admin"))
     assert naive.status_code == 400
+
+
+def test_key_lifecycle_over_the_api(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """rotate, PATCH, version states, rewrap, batches and wrapped-only data keys."""
+    import base64
+
+    admin, app = tenant.auth("tenant-admin"), tenant.auth("app")
+    assert client.post("/v1/keys", json={"name": "lc"}, headers=admin).status_code == 201
+    ct1 = client.post("/v1/keys/lc/encrypt", json={"plaintext": "b25l"}, headers=app).json()
+    r = client.post("/v1/keys/lc/rotate", headers=admin)
+    assert r.status_code == 200 and r.json()["latest_version"] == 2
+    assert client.post("/v1/keys/lc/rotate", headers=app).status_code == 403
+    rw = client.post("/v1/keys/lc/rewrap", json={"ciphertext": ct1["ciphertext"]}, headers=app)
+    assert rw.status_code == 200 and rw.json()["key_version"] == 2
+    assert set(rw.json()) == {"ciphertext", "key_version"}  # never the plaintext
+    assert rw.json()["ciphertext"].startswith("kms:v2:")
+    r = client.patch("/v1/keys/lc", json={"min_decryption_version": 2}, headers=admin)
+    assert r.status_code == 200 and r.json()["min_decryption_version"] == 2
+    old = client.post("/v1/keys/lc/decrypt", json={"ciphertext": ct1["ciphertext"]}, headers=app)
+    assert old.status_code == 400 and old.json()["code"] == "key_version_unavailable"
+    new = client.post("/v1/keys/lc/decrypt", json={"ciphertext": rw.json()["ciphertext"]},
+                      headers=app)
+    assert base64.b64decode(new.json()["plaintext"]) == b"one"
+    bad = client.patch("/v1/keys/lc", json={"min_decryption_version": 9}, headers=admin)
+    assert bad.status_code == 400
+    assert client.patch("/v1/keys/lc", json={"enabled": False}, headers=admin).status_code == 200
+    off = client.post("/v1/keys/lc/encrypt", json={"plaintext": "eA=="}, headers=app)
+    assert off.status_code == 403 and off.json()["code"] == "key_disabled"
+    client.patch("/v1/keys/lc", json={"enabled": True}, headers=admin)
+    r = client.patch("/v1/keys/lc/versions/1", json={"state": "compromised"}, headers=admin)
+    assert r.status_code == 200 and r.json()["rewrap_required"] is True
+    r = client.patch("/v1/keys/lc/versions/2", json={"state": "destroyed"}, headers=admin)
+    assert r.status_code == 409 and r.json()["code"] == "invalid_state"
+    r = client.patch("/v1/keys/lc/versions/1", json={"state": "gone"}, headers=admin)
+    assert r.status_code == 400
+    # batches: per-item results, per-item errors
+    items = [{"plaintext": base64.b64encode(bytes([i]) * 10).decode()} for i in range(5)]
+    enc = client.post("/v1/keys/lc/encrypt", json={"batch": items}, headers=app)
+    assert enc.status_code == 200
+    cts = [x["ciphertext"] for x in enc.json()["batch_results"]]
+    assert len(cts) == 5 and all(x["key_version"] == 2 for x in enc.json()["batch_results"])
+    dec = client.post("/v1/keys/lc/decrypt",
+                      json={"batch": [{"ciphertext": c} for c in cts]
+                            + [{"ciphertext": "kms:v2:AAAA"}, {"ciphertext": ct1["ciphertext"]}]},
+                      headers=app)
+    results = dec.json()["batch_results"]
+    assert [base64.b64decode(x["plaintext"]) for x in results[:5]] == \
+        [bytes([i]) * 10 for i in range(5)]
+    assert results[5] == {"error": {"code": "decryption_failed", "status": 400}}
+    assert results[6] == {"error": {"code": "key_version_unavailable", "status": 400}}
+    both = client.post("/v1/keys/lc/encrypt", json={"plaintext": "eA==", "batch": items},
+                       headers=app)
+    assert both.status_code == 400
+    empty = client.post("/v1/keys/lc/encrypt", json={"batch": []}, headers=app)
+    assert empty.status_code == 400
+    wrapped = client.post("/v1/keys/lc/datakey", json={"bits": 256, "wrapped_only": True},
+                          headers=app)
+    assert wrapped.status_code == 200 and set(wrapped.json()) == {"ciphertext"}
+
+
+def test_deleted_volume_reports_its_erasure(client, kms, tenant) -> None:  # type: ignore[no-untyped-def]
+    hv = tenant.auth("hypervisor")
+    client.post("/v1/volumes", json={"volume_id": "gone-soon"}, headers=hv)
+    live = client.get("/v1/volumes/gone-soon", headers=hv).json()
+    assert live["status"] == "active" and "key" not in live
+    r = client.delete("/v1/volumes/gone-soon", headers=hv)
+    assert r.status_code == 204 and r.headers["kms-erasure-status"] == "pending_kek_rotation"
+    assert r.headers["kms-erasure-complete-by"]
+    status = client.get("/v1/volumes/gone-soon", headers=hv).json()
+    assert status["status"] == "deleted"
+    assert status["erasure"]["status"] == "pending_kek_rotation"
+    kms.kek_rotation.rotate(tenant.id)
+    status = client.get("/v1/volumes/gone-soon", headers=hv).json()
+    assert status["erasure"]["status"] == "complete" and status["erasure"]["completed_at"]
+    assert client.get("/v1/volumes/never-was", headers=hv).status_code == 404

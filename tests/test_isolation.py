@@ -75,6 +75,12 @@ ROLE_MATRIX = [
     ("POST", "/v1/keys/{key}/encrypt", {"plaintext": "aGk="}, {"app"}),
     ("POST", "/v1/keys/{key}/datakey", {"bits": 256}, {"app"}),
     ("GET", "/v1/tenant", None, {"tenant-admin", "hypervisor", "app"}),
+    ("GET", "/v1/tenant/audit", None, {"tenant-admin"}),
+    ("GET", "/v1/volumes/{vol}", None, {"hypervisor"}),
+    ("POST", "/v1/keys/{key}/rotate", None, {"tenant-admin"}),
+    ("PATCH", "/v1/keys/{key}", {"enabled": True}, {"tenant-admin"}),
+    ("PATCH", "/v1/keys/{key}/versions/1", {"state": "active"}, {"tenant-admin"}),
+    ("POST", "/v1/keys/{key}/encrypt", {"batch": [{"plaintext": "aGk="}]}, {"app"}),
     ("DELETE", "/v1/volumes/{vol}", None, {"hypervisor"}),
 ]
 
