@@ -10,32 +10,21 @@ from __future__ import annotations
 import base64
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
+from api.deps import KmsDep, TokenDep
 from kms.audit import current_context
-from kms.errors import InvalidRequest, Unauthenticated
+from kms.errors import InvalidRequest
 from kms.lifecycle import parse_contract_end
 from kms.operators import OperatorCaller
-from kms.service import Kms
 
 router = APIRouter(prefix="/admin/v1")
 
 
-def get_kms(request: Request) -> Kms:
-    kms: Kms = request.app.state.kms
-    return kms
-
-
-KmsDep = Annotated[Kms, Depends(get_kms)]
-
-
-def authenticate_operator(request: Request, kms: KmsDep) -> OperatorCaller:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("missing session token")
-    op = kms.operators.authenticate(token.strip())
+def authenticate_operator(token: TokenDep, kms: KmsDep) -> OperatorCaller:
+    op = kms.operators.authenticate(token)
     current_context().actor = f"operator:{op.username}"
     return op
 

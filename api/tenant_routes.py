@@ -17,31 +17,19 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from kms.audit import current_context
+from api.deps import KmsDep, TokenDep
 from api.problems import language, status_of
+from kms.audit import current_context
 from kms.caller import ROLE_TENANT_ADMIN, Caller
 from kms.clock import require_aware
-from kms.errors import InvalidRequest, Unauthenticated
+from kms.errors import InvalidRequest
 from kms.secret import SecretBytes
-from kms.service import Kms
 
 router = APIRouter(prefix="/v1")
 
 
-def get_kms(request: Request) -> Kms:
-    kms: Kms = request.app.state.kms
-    return kms
-
-
-KmsDep = Annotated[Kms, Depends(get_kms)]
-
-
-def authenticate(request: Request, kms: KmsDep) -> Caller:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("missing bearer token")
-    caller = kms.principals.authenticate(token.strip())
+def authenticate(token: TokenDep, kms: KmsDep) -> Caller:
+    caller = kms.principals.authenticate(token)
     current_context().actor = caller.actor
     return caller
 
@@ -213,7 +201,7 @@ def decrypt(name: str, body: DecryptBody, caller: CallerDep, kms: KmsDep,
     items = [(i.ciphertext, _b64(i.context, f"batch.{n}.context"))
              for n, i in enumerate(body.batch)]
     lang = language(request.headers.get("accept-language"))
-    out = []
+    out: list[dict[str, Any]] = []
     for r in kms.transit.decrypt_batch(caller, name, items):
         if r.error is not None:
             out.append({"error": {"code": r.error.code, "status": status_of(r.error.code)}})

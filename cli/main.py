@@ -7,8 +7,8 @@ import functools
 import getpass
 import json
 import sys
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,8 +90,8 @@ def init(obj: Ctx, as_json: bool) -> None:
     kms = obj.kms()
     keys = kms.initialize()
     info = kms.hsm.token_info()
-    data = {"home": str(obj.settings.home_dir), "token": info.label, "serial": info.serial,
-            "service_keys": sorted(keys)}
+    data: dict[str, object] = {"home": str(obj.settings.home_dir), "token": info.label,
+                               "serial": info.serial, "service_keys": sorted(keys)}
     if obj.settings.tls_cert is None:
         data["tls"] = ensure_local_pki(obj.settings.home_dir / "tls")
     emit(data, as_json, lambda d: f"initialised {d['home']} (token {d['token']}, "

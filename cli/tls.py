@@ -64,8 +64,9 @@ def ensure_local_pki(tls_dir: Path, *, hostnames: tuple[str, ...] = ("localhost"
             stale.unlink(missing_ok=True)
     if not (cert_path.exists() and key_path.exists()):
         ca = x509.load_pem_x509_certificate(ca_pem.read_bytes())
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
-        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        ca_key = loaded
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
         sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]

@@ -32,8 +32,9 @@ from sqlalchemy.orm import Session
 
 from hsm import HsmError, Pkcs11Hsm
 from kms.clock import Clock
+from kms.db import rowcount
 from kms.errors import KeyIntegrityError, ServiceUnavailable
-from kms.models import AuditCheckpoint, AuditEvent, AuditHead, ServiceKey
+from kms.models import AuditCheckpoint, AuditEvent, AuditHead, service_key_id
 
 GENESIS = "0" * 64
 
@@ -146,10 +147,7 @@ class AuditJournal:
 
     @staticmethod
     def _key(s: Session) -> bytes:
-        row = s.get(ServiceKey, "audit-hmac")
-        if row is None:
-            raise KeyIntegrityError("no audit key: run `kms init`")
-        return bytes.fromhex(row.cka_id)
+        return service_key_id(s, "audit-hmac")
 
     # -- reading ------------------------------------------------------------------------
 
@@ -210,14 +208,14 @@ class AuditJournal:
             return 0
         anchor_seq = first_kept.seq if first_kept else (head.seq + 1 if head else 1)
         anchor_prev = first_kept.prev_hash if first_kept else (head.hash if head else GENESIS)
-        n = s.execute(delete(AuditEvent).where(AuditEvent.seq < anchor_seq)).rowcount
+        n = rowcount(s.execute(delete(AuditEvent).where(AuditEvent.seq < anchor_seq)))
         key = self._key(s)
         cp = s.get(AuditCheckpoint, 1) or AuditCheckpoint(id=1)
         cp.first_seq, cp.prev_hash = anchor_seq, anchor_prev
         cp.mac = self._hsm.hmac_sha256(key, f"checkpoint|{anchor_seq}|{anchor_prev}".encode()).hex()
         cp.purged_before = cutoff
         s.merge(cp)
-        return int(n or 0)
+        return n
 
     @staticmethod
     def count(s: Session) -> int:

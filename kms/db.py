@@ -91,3 +91,8 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")
+
+
+def rowcount(result: Any) -> int:
+    """Rows touched by an UPDATE/DELETE result (typed access to CursorResult.rowcount)."""
+    return int(getattr(result, "rowcount", 0) or 0)

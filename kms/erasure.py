@@ -24,11 +24,11 @@ from hsm import HsmDestroyUnconfirmed, HsmError, Pkcs11Hsm
 from kms import __version__
 from kms.audit import AuditJournal
 from kms.clock import Clock
-from kms.db import Database
+from kms.db import Database, rowcount
 from kms.errors import KmsError, NotFound, ServiceUnavailable
 from kms.keyring import tenant_label_prefix
-from kms.locks import NamedLocks
 from kms.lifecycle import notice_digest
+from kms.locks import NamedLocks
 from kms.models import (
     AppKey,
     AppKeyVersion,
@@ -222,14 +222,16 @@ class ErasureRunner:
         with self._db.write() as s:
             key_ids = select(AppKey.id).where(AppKey.tenant_id == tenant_id)
             counts = {
-                "app_key_versions": s.execute(delete(AppKeyVersion).where(
-                    AppKeyVersion.key_id.in_(key_ids))).rowcount,
-                "app_keys": s.execute(delete(AppKey).where(AppKey.tenant_id == tenant_id)).rowcount,
-                "volumes": s.execute(delete(Volume).where(Volume.tenant_id == tenant_id)).rowcount,
-                "principals": s.execute(delete(Principal).where(
-                    Principal.tenant_id == tenant_id)).rowcount,
-                "deleted_volume_records": s.execute(delete(DeletedVolume).where(
-                    DeletedVolume.tenant_id == tenant_id)).rowcount,
+                "app_key_versions": rowcount(s.execute(delete(AppKeyVersion).where(
+                    AppKeyVersion.key_id.in_(key_ids)))),
+                "app_keys": rowcount(s.execute(delete(AppKey).where(
+                    AppKey.tenant_id == tenant_id))),
+                "volumes": rowcount(s.execute(delete(Volume).where(
+                    Volume.tenant_id == tenant_id))),
+                "principals": rowcount(s.execute(delete(Principal).where(
+                    Principal.tenant_id == tenant_id))),
+                "deleted_volume_records": rowcount(s.execute(delete(DeletedVolume).where(
+                    DeletedVolume.tenant_id == tenant_id))),
             }
             self._advance(s, tenant_id, "delete_data").deleted_counts = json.dumps(counts)
 

@@ -30,12 +30,13 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if not isinstance(value, datetime) or value.tzinfo is None:
             raise ValueError("naive datetime refused")
-        value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        utc: datetime = value.astimezone(timezone.utc)
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
+        assert isinstance(value, datetime)
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
@@ -143,7 +144,7 @@ class DeletedVolume(Base):
 
 
 class ServiceKey(Base):
-    """Service keys in the token: the audit HMAC key and the signing key (kms init)."""
+    """Service keys in the token (kms init): audit HMAC, signing, secrets KEK."""
 
     __tablename__ = "service_keys"
 
@@ -151,6 +152,16 @@ class ServiceKey(Base):
     cka_id: Mapped[str] = mapped_column(String(64), unique=True)
     label: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+def service_key_id(session: Any, purpose: str) -> bytes:
+    """CKA_ID of a service key; KeyIntegrityError if `kms init` has not created it."""
+    from kms.errors import KeyIntegrityError
+
+    row = session.get(ServiceKey, purpose)
+    if row is None:
+        raise KeyIntegrityError(f"no {purpose} service key: run `kms init`")
+    return bytes.fromhex(row.cka_id)
 
 
 class Notice(Base):

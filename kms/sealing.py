@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from hsm import GCM_IV_BYTES, HsmDecryptFailed, HsmUnavailable, Pkcs11Hsm
 from kms.errors import KeyIntegrityError, ServiceUnavailable
-from kms.models import ServiceKey
+from kms.models import service_key_id
 
 _VERSION = 1
 
@@ -21,10 +21,7 @@ class Sealer:
 
     @staticmethod
     def _key(s: Session) -> bytes:
-        row = s.get(ServiceKey, "secrets-kek")
-        if row is None:
-            raise KeyIntegrityError("no secrets key: run `kms init`")
-        return bytes.fromhex(row.cka_id)
+        return service_key_id(s, "secrets-kek")
 
     def seal(self, s: Session, data: bytes, *, aad: bytes) -> bytes:
         iv = os.urandom(GCM_IV_BYTES)

@@ -6,34 +6,32 @@ Built only by the composition roots (`cli.wiring`) and tests; the API receives i
 from __future__ import annotations
 
 import os
-from typing import Any
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from hsm import HsmError, HsmMechanismMissing, HsmUnavailable, Pkcs11Hsm
 from kms.access import AccessService
 from kms.appkeys import AppKeyService
-from kms.transit import TransitService
-from kms.usage import UsageLimiter
 from kms.audit import AuditJournal, VerifyResult
-from kms.clock import require_aware
-from kms.errors import InvalidRequest
 from kms.audit_batch import AuditBatcher
-from kms.clock import Clock
-from kms.db import Database
+from kms.clock import Clock, require_aware
 from kms.config import MIN_NOTICE_DAYS
+from kms.db import Database
 from kms.erasure import ErasureRunner
-from kms.errors import InvalidConfiguration, ServiceUnavailable
-from kms.lifecycle import LifecycleService
-from kms.signing import ServiceSigner
+from kms.errors import InvalidConfiguration, InvalidRequest, ServiceUnavailable
 from kms.kekrotation import KekRotation
 from kms.keyring import Keyring
+from kms.lifecycle import LifecycleService
 from kms.models import ServiceKey
 from kms.operators import OperatorService
 from kms.passwords import Argon2Parameters, Passwords
 from kms.principals import DEFAULT_INCOMPATIBLE_ROLES, PrincipalService
 from kms.sealing import Sealer
+from kms.signing import ServiceSigner
 from kms.tenants import TenantService
+from kms.transit import TransitService
+from kms.usage import UsageLimiter
 from kms.volumes import VolumeService
 
 SERVICE_KEY_LABELS = {"audit-hmac": "kms/service/audit-hmac",
@@ -66,30 +64,30 @@ class Kms:
         self.audit = AuditJournal(hsm=hsm, clock=clock)
         self.audit_batcher = AuditBatcher(db=db, journal=self.audit,
                                           enabled=opts.audit_data_plane)
-        journal = {"audit": self.audit}
-        self.tenants = TenantService(db=db, keyring=self.keyring, clock=clock, **journal)
-        self.principals = PrincipalService(db=db, clock=clock,
-                                           incompatible_roles=opts.incompatible_roles, **journal)
+        journal = self.audit
+        self.tenants = TenantService(db=db, keyring=self.keyring, clock=clock, audit=journal)
+        self.principals = PrincipalService(db=db, clock=clock, audit=journal,
+                                           incompatible_roles=opts.incompatible_roles)
         rotation_period = timedelta(days=opts.kek_rotation_days)
         self.volumes = VolumeService(db=db, keyring=self.keyring, clock=clock,
                                      batcher=self.audit_batcher,
-                                     rotation_period=rotation_period, **journal)
-        self.appkeys = AppKeyService(db=db, keyring=self.keyring, clock=clock, **journal)
+                                     rotation_period=rotation_period, audit=journal)
+        self.appkeys = AppKeyService(db=db, keyring=self.keyring, clock=clock, audit=journal)
         self.limiter = UsageLimiter(hsm=hsm, cap=opts.key_version_max_encryptions)
         self.transit = TransitService(db=db, keyring=self.keyring, keys=self.appkeys,
                                       limiter=self.limiter, cache_size=opts.key_cache_size,
-                                      batcher=self.audit_batcher, **journal)
+                                      batcher=self.audit_batcher, audit=journal)
         self.signer = ServiceSigner(hsm=hsm)
         self.lifecycle = LifecycleService(db=db, signer=self.signer, clock=clock,
                                           notice_days=opts.notice_days,
-                                          on_state_change=self.transit.drop_cached, **journal)
+                                          on_state_change=self.transit.drop_cached, audit=journal)
         self.erasure = ErasureRunner(db=db, hsm=hsm, signer=self.signer, clock=clock,
-                                     drop_cached=self.transit.drop_cached, **journal)
+                                     drop_cached=self.transit.drop_cached, audit=journal)
         self.kek_rotation = KekRotation(db=db, hsm=hsm, keyring=self.keyring, clock=clock,
-                                        period=rotation_period, **journal)
+                                        period=rotation_period, audit=journal)
         self.sealer = Sealer(hsm=hsm)
         self.operators = OperatorService(db=db, clock=clock, passwords=Passwords(opts.argon2),
-                                         sealer=self.sealer, **journal,
+                                         sealer=self.sealer, audit=journal,
                                          max_failures=opts.operator_max_failures,
                                          session_ttl=opts.operator_session)
         self.access = AccessService(db=db)

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session
 
 from hsm import HsmUnavailable, Pkcs11Hsm
-from kms.errors import KeyIntegrityError, ServiceUnavailable
-from kms.models import ServiceKey
+from kms.errors import ServiceUnavailable
+from kms.models import service_key_id
 
 SIGNATURE_ALGORITHM = "ECDSA-P256-SHA256"
 
@@ -34,10 +34,7 @@ class ServiceSigner:
 
     @staticmethod
     def _key_id(session: Session) -> bytes:
-        row = session.get(ServiceKey, "signing")
-        if row is None:
-            raise KeyIntegrityError("no signing key: run `kms init`")
-        return bytes.fromhex(row.cka_id)
+        return service_key_id(session, "signing")
 
     def sign(self, session: Session, data: bytes) -> bytes:
         try:
@@ -52,7 +49,8 @@ class ServiceSigner:
                                 serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
     def key_fingerprint(self, session: Session) -> str:
-        return "sha256:" + hashlib.sha256(self._hsm.public_key_der(self._key_id(session))).hexdigest()
+        der = self._hsm.public_key_der(self._key_id(session))
+        return "sha256:" + hashlib.sha256(der).hexdigest()
 
     def verify(self, session: Session, data: bytes, signature: bytes) -> bool:
         key = serialization.load_der_public_key(self._hsm.public_key_der(self._key_id(session)))

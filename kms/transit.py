@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -277,7 +278,7 @@ class TransitService:
                                                  actor=caller.actor))
 
 
-def _check_batch(items: list[object]) -> None:
+def _check_batch(items: Sequence[object]) -> None:
     if not items or len(items) > MAX_BATCH:
         raise InvalidRequest(f"a batch holds 1 to {MAX_BATCH} items", field="batch")
 

@@ -7,10 +7,9 @@ token; only the wrapped blob is stored. Fetching the key unwraps it for the call
 from __future__ import annotations
 
 import os
-from datetime import timedelta
-from typing import Any
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError

@@ -1,0 +1,29 @@
+"""Dependencies shared by both apps: the Kms, and the bearer token of a request."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from kms.errors import Unauthenticated
+from kms.service import Kms
+
+
+def get_kms(request: Request) -> Kms:
+    kms: Kms = request.app.state.kms
+    return kms
+
+
+KmsDep = Annotated[Kms, Depends(get_kms)]
+
+
+def bearer_token(request: Request) -> str:
+    """The token of `Authorization: Bearer …`; Unauthenticated when absent."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("missing bearer token")
+    return token.strip()
+
+
+TokenDep = Annotated[str, Depends(bearer_token)]
