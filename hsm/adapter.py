@@ -149,6 +149,7 @@ class Pkcs11Hsm:
         self._pid: int | None = None
         self._generation = 0
         self._handles: dict[tuple[bytes, int], Any] = {}
+        self._ever_opened = False
 
     def __repr__(self) -> str:
         return f"Pkcs11Hsm(module={self._module_path!r}, token={self._token_label!r})"
@@ -170,6 +171,7 @@ class Pkcs11Hsm:
             session = token.open(rw=True)
         self._token, self._session, self._generation = token, session, gen
         self._pid = os.getpid()
+        self._ever_opened = True
         self._handles.clear()
 
     def _ensure_open(self) -> None:
@@ -189,6 +191,10 @@ class Pkcs11Hsm:
                 try:
                     self._ensure_open()
                     return fn(self._session)
+                except HsmLoginFailed as exc:
+                    if self._ever_opened:  # it worked before: the token is away for now
+                        raise HsmUnavailable("the security token is unavailable") from exc
+                    raise
                 except HsmError:
                     raise
                 except _MISUSE as exc:
@@ -199,10 +205,12 @@ class Pkcs11Hsm:
                         raise HsmUnavailable("the security token is unavailable") from exc
                 except p11e.PKCS11Error as exc:
                     # Anything else the binding raises (CKR_CRYPTOKI_NOT_INITIALIZED after a
-                    # finalize, a missing token, ...) is a token we cannot use right now.
+                    # finalize, a missing token, ...): re-initialise and, for idempotent
+                    # calls, try once more; then it is a token we cannot use right now.
                     self._reset()
-                    raise HsmUnavailable(
-                        f"the security token failed: {type(exc).__name__}") from exc
+                    if attempt == 2 or not retry:
+                        raise HsmUnavailable(
+                            f"the security token failed: {type(exc).__name__}") from exc
             raise AssertionError("unreachable")
 
     def close(self) -> None:

@@ -42,18 +42,23 @@ class ServiceSigner:
         except HsmUnavailable as exc:
             raise ServiceUnavailable("the security token is unavailable") from exc
 
+    def _public_der(self, session: Session) -> bytes:
+        try:
+            return self._hsm.public_key_der(self._key_id(session))
+        except HsmUnavailable as exc:
+            raise ServiceUnavailable("the security token is unavailable") from exc
+
     def public_key_pem(self, session: Session) -> str:
-        der = self._hsm.public_key_der(self._key_id(session))
+        der = self._public_der(session)
         key = serialization.load_der_public_key(der)
         return key.public_bytes(serialization.Encoding.PEM,
                                 serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
     def key_fingerprint(self, session: Session) -> str:
-        der = self._hsm.public_key_der(self._key_id(session))
-        return "sha256:" + hashlib.sha256(der).hexdigest()
+        return "sha256:" + hashlib.sha256(self._public_der(session)).hexdigest()
 
     def verify(self, session: Session, data: bytes, signature: bytes) -> bool:
-        key = serialization.load_der_public_key(self._hsm.public_key_der(self._key_id(session)))
+        key = serialization.load_der_public_key(self._public_der(session))
         assert isinstance(key, ec.EllipticCurvePublicKey)
         try:
             key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
