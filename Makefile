@@ -4,13 +4,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export KMS_HOME ?= $(CURDIR)/var
-SYSTEM_TOOLS := softhsm2-util pkcs11-tool qemu-img qemu-io faketime openssl curl
-APT_PACKAGES := softhsm2 opensc qemu-utils faketime openssl curl ca-certificates
+SYSTEM_TOOLS := softhsm2-util pkcs11-tool qemu-img qemu-io faketime openssl curl chattr
+APT_PACKAGES := softhsm2 opensc qemu-utils faketime openssl curl ca-certificates e2fsprogs \
+                postgresql
 
 .PHONY: serve test demo bench token init system-deps venv clean
 
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing initdb"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages (missing:$$missing)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

@@ -16,7 +16,6 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from kms.errors import ServiceUnavailable
-from kms.models import Base
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -40,7 +39,10 @@ class Database:
         return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create or upgrade the schema with the Alembic migrations (idempotent)."""
+        from kms.schema import upgrade
+
+        upgrade(self.engine)
 
     @contextmanager
     def read(self) -> Iterator[Session]:

@@ -94,7 +94,7 @@ class Keyring:
     def wrap(self, kek: Kek, place: KeyPlace, key: bytes) -> bytes:
         """Wrap under `kek` (which must be attached to the caller's write transaction:
         its encryption counter moves with the new blob)."""
-        kek.encryptions += 1
+        kek.encryptions = Kek.encryptions + 1  # an atomic UPDATE, safe across replicas
         iv = os.urandom(GCM_IV_BYTES)
         try:
             sealed = self._hsm.gcm_encrypt(bytes.fromhex(kek.cka_id), key, iv=iv, aad=place.aad())

@@ -211,7 +211,8 @@ class TransitService:
                 return row.version, self._cipher(s, tenant, key, row)
         with self._db.write() as s:
             tenant, key = self._usable(s, caller, name)
-            row = s.get(AppKeyVersion, (key.id, key.latest_version))
+            # The row lock serializes replicas reserving under the same version.
+            row = s.get(AppKeyVersion, (key.id, key.latest_version), with_for_update=True)
             assert row is not None
             if row.state != "active":
                 raise KeyVersionUnavailable("the latest version may not encrypt: rotate")

@@ -121,3 +121,14 @@ def populate(kms, name: str, *, volumes: int = 2, keys: int = 1):  # type: ignor
     for i in range(keys):
         kms.appkeys.create(callers["tenant-admin"], name=f"key-{i}", key_type="aes256-gcm")
     return t.id, callers, tokens
+
+
+@pytest.fixture(scope="session")
+def postgres_url():  # type: ignore[no-untyped-def]
+    from tests.pg import throwaway_postgres
+
+    with throwaway_postgres() as url:
+        if url is None:
+            pytest.skip("PostgreSQL server binaries are not installed "
+                        "(apt-get install postgresql; `make test` does it)")
+        yield url

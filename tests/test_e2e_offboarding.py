@@ -18,23 +18,16 @@ Scenario (built once by the `scenario` fixture, checked by the tests below, in o
 9. last: the server's output holds none of the secrets handled here.
 
 The module owns its KMS_HOME: it never touches ./var nor the token of the rest of the
-test session. Helpers are copied from test_e2e_luks.py on purpose (to be deduplicated).
+test session. The helpers it shares with test_e2e_luks.py live in tests/e2e_support.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import os
 import shutil
-import socket
-import ssl
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -44,18 +37,37 @@ from typing import Any
 import httpx
 import pytest
 
-_TOOLS = ("qemu-img", "qemu-io", "faketime", "pkcs11-tool", "openssl")
+# Before the import below, so that pytest rewrites the asserts in the shared helpers too.
+pytest.register_assert_rewrite("tests.e2e_support")
+
+from tests.e2e_support import (
+    Passphrase,
+    SecretLog,
+    Server,
+    b64,
+    create_volume,
+    fetch_volume_key,
+    image_opts,
+    init_home,
+    issue_tokens,
+    kms_env,
+    kms_proc,
+    leaked_form,
+    luks_create,
+    qemu,
+    requires_tools,
+    run_kms,
+    start_server,
+    stopped_log,
+    unb64,
+)
+
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(any(shutil.which(t) is None for t in _TOOLS),
-                       reason=f"needs {', '.join(_TOOLS)} (apt-get install qemu-utils "
-                              "faketime opensc openssl)"),
+    requires_tools("qemu-img", "qemu-io", "faketime", "pkcs11-tool", "openssl",
+                   install="qemu-utils faketime opensc openssl"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
-SETUP_TOKEN = REPO / "softhsm-setup" / "setup-token.sh"
-KMS = Path(sys.executable).parent / "kms"
-READY_TIMEOUT = 20.0
 TOKEN_LABEL = "kms"
 SOFTHSM_MODULES = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -66,61 +78,12 @@ SOFTHSM_MODULES = (
 NOTICE_PERIOD = timedelta(days=21)
 PATTERN = "0x5c"
 
-# Every secret that crosses this module, as (kind, bytes); the last test looks for each
-# of them in the server's output.
-SECRETS: list[tuple[str, bytes]] = []
-_SECRETS_LOCK = threading.Lock()
+# Every secret that crosses this module; the last test looks for each of them in the
+# server's output.
+SECRETS = SecretLog()
 
 
-def remember(kind: str, secret: bytes | str) -> None:
-    with _SECRETS_LOCK:
-        SECRETS.append((kind, secret.encode() if isinstance(secret, str) else secret))
-
-
-# -- helpers (copied from test_e2e_luks.py) ----------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def kms_env(home: Path) -> dict[str, str]:
-    """The environment of every `kms` subprocess: this module's home and token only."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KMS_")}
-    env["KMS_HOME"] = str(home)
-    env["SOFTHSM2_CONF"] = str(home / "softhsm" / "softhsm2.conf")
-    return env
-
-
-def kms_proc(home: Path, *args: str, prefix: tuple[str, ...] = (),
-             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = kms_env(home)
-    env.update(extra_env or {})
-    return subprocess.run([*prefix, str(KMS), *args], env=env, capture_output=True,
-                          text=True, timeout=60)
-
-
-def run_kms(home: Path, *args: str) -> Any:
-    proc = kms_proc(home, *args, "--json")
-    assert proc.returncode == 0, f"kms {args[:2]} failed: {proc.stderr.strip()}"
-    return json.loads(proc.stdout)
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def unb64(text: str) -> bytes:
-    return base64.b64decode(text, validate=True)
-
-
-def qemu(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=120)
-    if check:
-        assert proc.returncode == 0, f"{args[0]} failed: {proc.stdout}{proc.stderr}"
-    return proc
-
+# -- helpers of this module ----------------------------------------------------------------
 
 def openssl_verify(pub: Path, sig: Path, doc: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(pub), "-signature",
@@ -149,120 +112,6 @@ def problem_code(r: httpx.Response) -> str | None:
     assert r.headers.get("content-type", "").startswith("application/problem+json"), r.text
     code: str | None = r.json().get("code")
     return code
-
-
-@dataclass
-class Server:
-    home: Path
-    base_url: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def tls(self) -> ssl.SSLContext:
-        """Verifies the server certificate against the local CA made by `kms init`."""
-        return ssl.create_default_context(cafile=str(self.home / "tls" / "ca.pem"))
-
-    def client(self, token: str) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30.0, verify=self.tls,
-                            headers={"Authorization": f"Bearer {token}"})
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-
-
-def start_server(home: Path, log_path: Path) -> Server:
-    port = free_port()
-    args = [str(KMS), "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--admin-port", str(free_port())]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, env=kms_env(home), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    srv = Server(home, f"https://127.0.0.1:{port}", proc, log_path)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        if not srv.alive():
-            pytest.fail(f"kms serve exited with {proc.returncode}:\n"
-                        f"{log_path.read_text(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(f"{srv.base_url}/readyz", timeout=2.0, verify=srv.tls).status_code == 200:
-                return srv
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            srv.stop()
-            pytest.fail(f"kms serve not ready after {READY_TIMEOUT:.0f} s:\n"
-                        f"{log_path.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.1)
-
-
-def fetch_volume_key(client: httpx.Client, volume_id: str) -> bytes:
-    r = client.post(f"/v1/volumes/{volume_id}/key")
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["volume_id"] == volume_id
-    assert body["cipher"] == "aes-xts-plain64" and body["key_bits"] == 512
-    key = unb64(body["key"])
-    remember(f"volume key {volume_id}", key)
-    assert len(key) == 64
-    return key
-
-
-def create_volume(client: httpx.Client, volume_id: str) -> httpx.Response:
-    return client.post("/v1/volumes", json={"volume_id": volume_id, "cipher": "aes-xts-plain64",
-                                            "key_bits": 512})
-
-
-def write_passphrase(path: Path, key: bytes) -> Path:
-    # QEMU wants a LUKS passphrase that is valid UTF-8: as OpenStack Nova/os-brick do, the
-    # passphrase is the key in hex. The file is 0600 and removed right after use.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key.hex())
-    return path
-
-
-class Passphrase:
-    """A 0600 passphrase file that exists only inside the `with` block."""
-
-    def __init__(self, directory: Path, key: bytes):
-        self.path = directory / f"pass-{os.getpid()}-{time.time_ns()}.hex"
-        self.key = key
-
-    def __enter__(self) -> str:
-        write_passphrase(self.path, self.key)
-        assert (self.path.stat().st_mode & 0o777) == 0o600
-        return f"secret,id=sec0,file={self.path},format=raw"
-
-    def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def luks_create(img: Path, secret: str) -> None:
-    # qemu-img times PBKDF2 with the thread CPU clock; a coarse virtual clock can read
-    # 0 ms and make it give up ("Unable to get accurate CPU usage"): retry that only.
-    for attempt in range(6):
-        img.unlink(missing_ok=True)
-        proc = qemu("qemu-img", "create", "-q", "-f", "luks", "--object", secret,
-                    "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,iter-time=10",
-                    str(img), "16M", check=False)
-        if proc.returncode == 0:
-            return
-        if "Unable to get accurate CPU usage" not in proc.stderr or attempt == 5:
-            pytest.fail(f"qemu-img create failed: {proc.stderr.strip()}")
-
-
-def image_opts(img: Path) -> str:
-    return f"driver=luks,key-secret=sec0,file.filename={img}"
 
 
 def read_pattern(img: Path, key: bytes, workdir: Path) -> subprocess.CompletedProcess[str]:
@@ -300,32 +149,21 @@ class Scenario:
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     # 1. Fresh home, token, `kms init`, two tenants and their principals.
     home = tmp_path_factory.mktemp("e2e-offboard-home")
-    proc = subprocess.run([str(SETUP_TOKEN)], env=kms_env(home), capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, f"setup-token.sh failed: {proc.stderr.strip()}"
-    for pin_file in sorted((home / "secrets").glob("*.pin")):
-        remember(f"PIN {pin_file.name}", pin_file.read_text().strip())
-    run_kms(home, "init")
+    init_home(home, SECRETS)
 
     tenant_a = run_kms(home, "tenant", "create", "Offboarded SA")
     tenant_b = run_kms(home, "tenant", "create", "Bystander SAS")
     assert tenant_a["status"] == tenant_b["status"] == "active"
-    a_tokens: dict[str, str] = {}
-    for role in ("hypervisor", "app", "tenant-admin"):
-        issued = run_kms(home, "principal", "create", "--tenant", tenant_a["id"], "--role", role,
-                         "--name", f"a-{role}")
-        assert issued["tenant"] == tenant_a["id"] and issued["role"] == role
-        a_tokens[role] = issued["token"]
-        remember(f"A bearer token ({role})", issued["token"])
-    issued_b = run_kms(home, "principal", "create", "--tenant", tenant_b["id"], "--role",
-                       "hypervisor", "--name", "b-hypervisor")
-    remember("B bearer token (hypervisor)", issued_b["token"])
+    a_tokens = issue_tokens(home, tenant_a["id"], ("hypervisor", "app", "tenant-admin"),
+                            name_prefix="a", label="A bearer token", secrets=SECRETS)
+    b_tokens = issue_tokens(home, tenant_b["id"], ("hypervisor",), name_prefix="b",
+                            label="B bearer token", secrets=SECRETS)
 
     workdir = tmp_path_factory.mktemp("e2e-offboard-work")
     workdir.chmod(0o700)
     server = start_server(home, workdir / "server.log")
     sc = Scenario(home=home, server=server, workdir=workdir, a_id=tenant_a["id"],
-                  b_id=tenant_b["id"], a_tokens=a_tokens, b_token=issued_b["token"])
+                  b_id=tenant_b["id"], a_tokens=a_tokens, b_token=b_tokens["hypervisor"])
     try:
         _use_before_notice(sc)
         sc.objects_before = token_objects(home)
@@ -342,7 +180,7 @@ def _use_before_notice(sc: Scenario) -> None:
         for vol in sc.a_volumes:
             r = create_volume(hv, vol)
             assert r.status_code == 201, r.text
-        sc.a_key1 = fetch_volume_key(hv, sc.a_volumes[0])
+        sc.a_key1 = fetch_volume_key(hv, sc.a_volumes[0], SECRETS)
 
     sc.image = sc.workdir / "a-vol-1.luks"
     with Passphrase(sc.workdir, sc.a_key1) as secret:
@@ -357,7 +195,7 @@ def _use_before_notice(sc: Scenario) -> None:
         r = admin.post("/v1/keys", json={"name": "k1"})
         assert r.status_code == 201, r.text
     sc.plaintext = os.urandom(48)
-    remember("A plaintext", sc.plaintext)
+    SECRETS.remember("A plaintext", sc.plaintext)
     with sc.server.client(sc.a_tokens["app"]) as app:
         r = app.post("/v1/keys/k1/encrypt", json={"plaintext": b64(sc.plaintext)})
         assert r.status_code == 200, r.text
@@ -367,7 +205,7 @@ def _use_before_notice(sc: Scenario) -> None:
     with sc.server.client(sc.b_token) as hv_b:
         r = create_volume(hv_b, sc.b_volume)
         assert r.status_code == 201, r.text
-        sc.b_key1 = fetch_volume_key(hv_b, sc.b_volume)
+        sc.b_key1 = fetch_volume_key(hv_b, sc.b_volume, SECRETS)
 
 
 def _serve_notice_and_use(sc: Scenario) -> None:
@@ -507,7 +345,7 @@ def test_a_tokens_are_rejected(scenario: Scenario) -> None:
 def test_b_is_untouched(scenario: Scenario) -> None:
     with scenario.server.client(scenario.b_token) as hv_b:
         assert hv_b.get("/v1/tenant").json()["status"] == "active"
-        assert fetch_volume_key(hv_b, scenario.b_volume) == scenario.b_key1
+        assert fetch_volume_key(hv_b, scenario.b_volume, SECRETS) == scenario.b_key1
 
 
 def test_token_holds_no_object_of_a(scenario: Scenario) -> None:
@@ -587,25 +425,11 @@ def test_erasure_certificate_verifies_with_openssl(scenario: Scenario) -> None:
 
 # -- 9. nothing secret in the server's output (keep this test last) ------------------------
 
-def encodings(secret: bytes) -> set[bytes]:
-    forms = {secret, base64.b64encode(secret).rstrip(b"="),
-             base64.urlsafe_b64encode(secret).rstrip(b"="),
-             binascii.hexlify(secret), binascii.hexlify(secret).upper()}
-    try:
-        forms.add(secret.decode().encode())
-    except UnicodeDecodeError:
-        pass
-    return {f for f in forms if len(f) >= 8}
-
-
 def test_zz_server_log_holds_no_secret(scenario: Scenario) -> None:
-    scenario.server.stop()
-    log = scenario.server.log_path.read_bytes()
-    assert b"tenant API listening" in log or b"Uvicorn running" in log
-    with _SECRETS_LOCK:
-        secrets = dict((secret, kind) for kind, secret in SECRETS)
+    log = stopped_log(scenario.server)
+    secrets = SECRETS.by_value()
     assert any(kind.startswith("A bearer") for kind in secrets.values())
     assert any(kind == f"volume key {scenario.a_volumes[0]}" for kind in secrets.values())
     leaks = [kind for secret, kind in secrets.items()
-             if any(form in log for form in encodings(secret))]
+             if leaked_form(secret, log) is not None]
     assert not leaks, f"found in the server's output: {leaks}"

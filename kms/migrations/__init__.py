@@ -1,0 +1,1 @@
+"""Alembic migrations of the KMS schema (SQLite and PostgreSQL)."""
