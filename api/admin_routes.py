@@ -56,9 +56,10 @@ class OffboardBody(_Strict):
 
 
 @router.post("/login")
-def login(body: LoginBody, kms: KmsDep) -> dict[str, Any]:
+def login(body: LoginBody, kms: KmsDep) -> Response:
     session = kms.operators.login(body.username, body.password, body.totp)
-    return {"token": session.token, "expires_at": session.expires_at.isoformat()}
+    return JSONResponse({"token": session.token, "expires_at": session.expires_at.isoformat()},
+                        headers={"Cache-Control": "no-store"})
 
 
 @router.post("/logout", status_code=204)

@@ -37,6 +37,11 @@ _PROBLEMS: dict[str, tuple[int, tuple[str, str], tuple[str, str]]] = {
                               "Jeton d'accès absent, invalide ou révoqué."),
                         ("Authentication required",
                          "Bearer token missing, invalid or revoked.")),
+    "login_failed": (401, ("Échec de la connexion",
+                           "Identifiant, mot de passe ou code TOTP incorrect, ou compte "
+                           "verrouillé."),
+                     ("Login failed",
+                      "Wrong username, password or TOTP code, or a locked account.")),
     "forbidden": (403, ("Accès refusé", "Votre rôle ne permet pas cette opération."),
                   ("Forbidden", "Your role does not allow this operation.")),
     "tenant_suspended": (403, ("Locataire suspendu", "Le locataire est suspendu."),

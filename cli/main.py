@@ -4,6 +4,7 @@ stderr with a non-zero exit code. Secrets never come from argv."""
 from __future__ import annotations
 
 import functools
+import os
 import getpass
 import json
 import sys
@@ -35,12 +36,24 @@ class Ctx:
             self._settings = load_settings(self.config)
         return self._settings
 
-    def kms(self) -> Kms:
+    def kms(self, *, initializing: bool = False) -> Kms:
+        """The service over the configured home; refuses (one line) a home that `kms init`
+        has not prepared, rather than creating an empty database there."""
         if self._kms is None:
             from cli.wiring import build_kms
 
+            if not initializing:
+                require_initialized(self.settings)
             self._kms = build_kms(self.settings)
         return self._kms
+
+
+def require_initialized(settings: Settings) -> None:
+    from kms.errors import InvalidConfiguration
+
+    if settings.database_url is None and not (settings.home_dir / "kms.sqlite3").exists():
+        raise InvalidConfiguration(f"no KMS data in {settings.home_dir}: run `kms init` there "
+                                   "or set KMS_HOME")
 
 
 def emit(data: Any, as_json: bool, human: Callable[[Any], str]) -> None:
@@ -63,6 +76,13 @@ def command(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def restrict_home(home: Path) -> None:
+    """The data directory and the SQLite files are readable by the service user only."""
+    os.chmod(home, 0o700)
+    for path in home.glob("kms.sqlite3*"):
+        os.chmod(path, 0o600)
+
+
 def fail(message: str, code: int = 1) -> None:
     click.echo(f"kms: error: {message.splitlines()[0] if message else 'failed'}", err=True)
     sys.exit(code)
@@ -75,6 +95,7 @@ def fail(message: str, code: int = 1) -> None:
 def main(ctx: click.Context, config: Path | None) -> None:
     """Tenant KMS: operators' command."""
     ctx.obj = Ctx(config)
+    os.umask(0o077)  # the database, certificates and keys we write are ours alone
     # Journal events of this command name the local account that ran it.
     ctx.with_resource(audit_context(AuditContext(actor=f"cli:{getpass.getuser()}",
                                                  source="cli")))
@@ -87,8 +108,9 @@ def init(obj: Ctx, as_json: bool) -> None:
     """Create the data directory and schema, check the token, create service keys."""
     from cli.tls import ensure_local_pki
 
-    kms = obj.kms()
+    kms = obj.kms(initializing=True)
     keys = kms.initialize()
+    restrict_home(obj.settings.home_dir)
     info = kms.hsm.token_info()
     data: dict[str, object] = {"home": str(obj.settings.home_dir), "token": info.label,
                                "serial": info.serial, "service_keys": sorted(keys)}
@@ -116,11 +138,12 @@ def serve(obj: Ctx, host: str | None, port: int | None, admin_port: int | None,
           tls_cert: Path | None, tls_key: Path | None, insecure_http: bool | None,
           log_file: Path | None, as_json: bool) -> None:
     """Run the tenant API and the admin API (TLS unless --insecure-http)."""
-    from cli.serve import run_server
+    from cli.serve import check_listen_policy, run_server
 
     obj._settings = load_settings(obj.config, host=host, port=port, admin_port=admin_port,
                                   tls_cert=tls_cert, tls_key=tls_key,
                                   insecure_http=insecure_http or None, log_file=log_file)
+    check_listen_policy(obj.settings)
     run_server(obj.settings, obj.kms())
 
 

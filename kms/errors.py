@@ -27,6 +27,12 @@ class Unauthenticated(KmsError):
     code = "unauthenticated"
 
 
+class LoginFailed(Unauthenticated):
+    """Wrong username, password or TOTP code, or a locked account: never says which."""
+
+    code = "login_failed"
+
+
 class Forbidden(KmsError):
     code = "forbidden"
 

@@ -2,7 +2,7 @@
 lockout after consecutive failures, short-lived admin sessions.
 
 Every login failure — unknown user, wrong password, wrong or replayed TOTP code, locked
-account, corrupted stored hash — raises the same `Unauthenticated`, after the same
+account, corrupted stored hash — raises the same `LoginFailed`, after the same
 Argon2 work, so that the answer reveals neither the user nor the failed factor.
 """
 
@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pyotp
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from kms.audit import AuditJournal
 from kms.clock import Clock
 from kms.db import Database
-from kms.errors import AlreadyExists, NotFound, Unauthenticated
+from kms.errors import AlreadyExists, LoginFailed, NotFound, Unauthenticated
 from kms.models import Operator, OperatorSession
 from kms.passwords import Passwords
 from kms.sealing import Sealer
@@ -95,6 +96,7 @@ class OperatorService:
         with self._db.write() as s:
             op = self._get(s, username)
             op.password_hash = password_hash
+            self._revoke_sessions(s, username, self._clock.now())
             self._audit.record(s, action="operator.passwd", tenant_id=None,
                                object=f"operator:{username}")
 
@@ -114,7 +116,7 @@ class OperatorService:
     def login(self, username: str, password: str, totp_code: str) -> AdminSession:
         """Check password and TOTP; return a short-lived session token.
 
-        Raises Unauthenticated for every failure, identically."""
+        Raises LoginFailed for every failure, identically."""
         now = self._clock.now()
         session: AdminSession | None = None
         failed = False
@@ -143,7 +145,7 @@ class OperatorService:
                                    object=f"operator:{username}:session={session_id}",
                                    actor=f"operator:{username}")
         if failed or session is None:  # the failure and its event are committed first
-            raise Unauthenticated("login failed")
+            raise LoginFailed("login failed")
         return session
 
     def _check(self, s: Session, op: Operator, password: str, totp_code: str,
@@ -161,6 +163,7 @@ class OperatorService:
             op.failed_attempts += 1
             if op.failed_attempts >= self._max_failures:
                 op.locked_at = now
+                self._revoke_sessions(s, op.username, now)
                 log.warning("operator locked", extra={"operator": op.username})
                 self._audit.record(s, action="operator.lock", tenant_id=None,
                                    object=f"operator:{op.username}", actor="system:lockout")
@@ -200,6 +203,13 @@ class OperatorService:
                 self._audit.record(s, action="operator.logout", tenant_id=None,
                                    object=f"operator:{caller.username}:session={row.id}",
                                    actor=f"operator:{caller.username}")
+
+    @staticmethod
+    def _revoke_sessions(s: Session, username: str, now: datetime) -> None:
+        """A new password or a lockout ends every open session of the operator."""
+        s.execute(update(OperatorSession).where(OperatorSession.username == username,
+                                                OperatorSession.revoked_at.is_(None))
+                  .values(revoked_at=now))
 
     @staticmethod
     def _get(s: Session, username: str) -> Operator:

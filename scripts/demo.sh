@@ -27,8 +27,14 @@ done
 umask 077
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/kms-demo.XXXXXXXX")
 SERVER_PID=""
+PRINCIPAL_ID=""
 cleanup() {
   local rc=$?
+  # The demo tenant stays in $KMS_HOME (its history is in the audit journal); its
+  # credential does not outlive the demo.
+  if [ -n "$PRINCIPAL_ID" ]; then
+    "$KMS" principal revoke "$PRINCIPAL_ID" >/dev/null 2>&1 || true
+  fi
   if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
@@ -67,10 +73,14 @@ rm -f "$WORK/principal.json"
 ok "hypervisor principal created ($PRINCIPAL_ID, token kept in a 0600 file)"
 
 # -- the server, on a free port ----------------------------------------------------------
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+PORT=$(free_port)
+ADMIN_PORT=$(free_port)   # its own ports: a `make serve` may be running beside it
 BASE="https://127.0.0.1:$PORT"
 export CURL_CA_BUNDLE="$KMS_HOME/tls/ca.pem"   # verify the server against the local CA
-"$KMS" serve --port "$PORT" >"$WORK/server.log" 2>&1 &
+"$KMS" serve --port "$PORT" --admin-port "$ADMIN_PORT" >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 100); do
   if curl -fsS -o /dev/null "$BASE/readyz" 2>/dev/null; then break; fi

@@ -21,6 +21,7 @@ fi
 command -v pkcs11-tool >/dev/null || { echo "setup-token: pkcs11-tool not found (apt-get install opensc)" >&2; exit 1; }
 
 umask 077
+chmod 0700 "$KMS_HOME"
 mkdir -p "$KMS_HOME/softhsm/tokens" "$KMS_HOME/secrets"
 chmod 0700 "$KMS_HOME/softhsm" "$KMS_HOME/softhsm/tokens" "$KMS_HOME/secrets"
 

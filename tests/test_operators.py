@@ -178,6 +178,25 @@ def test_changed_parameters_upgrade_the_hash_on_login(kms) -> None:  # type: ign
     newer.operators.login(user, PASSWORD, code(totp, clock))  # the new hash verifies
 
 
+def test_login_failure_says_login_failed_and_sessions_end_with_passwd_or_lockout(env) -> None:  # type: ignore[no-untyped-def]
+    k, clock, admin, _ = env
+    user, totp = new_operator(k)
+    bad = login(admin, user, "wrong password!!", code(totp, clock))
+    assert bad.status_code == 401 and bad.json()["code"] == "login_failed"
+    ok = login(admin, user, PASSWORD, code(totp, clock))
+    assert ok.headers["cache-control"] == "no-store"
+    h = {"Authorization": f"Bearer {ok.json()['token']}"}
+    assert admin.get("/admin/v1/tenants", headers=h).status_code == 200
+    k.operators.set_password(user, "a brand new passphrase")
+    assert admin.get("/admin/v1/tenants", headers=h).status_code == 401
+    clock.advance(timedelta(seconds=30))
+    h = {"Authorization": "Bearer " + login(admin, user, "a brand new passphrase",
+                                            code(totp, clock)).json()["token"]}
+    for _ in range(5):
+        login(admin, user, "wrong password!!", code(totp, clock))
+    assert admin.get("/admin/v1/tenants", headers=h).status_code == 401
+
+
 def test_passwd_changes_the_password(env) -> None:  # type: ignore[no-untyped-def]
     k, clock, admin, _ = env
     user, totp = new_operator(k)

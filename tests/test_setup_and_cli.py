@@ -120,3 +120,24 @@ def test_cli_operator_principal_revoke_and_access(tmp_path: Path) -> None:
                            "--json").stdout) == []
     both = _kms(tmp_path, "access", "list", check=False)
     assert both.returncode != 0
+
+
+def test_cli_refuses_a_home_without_kms_init_and_creates_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "nothing-here"
+    r = _kms(home, "tenant", "list", check=False)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "kms init" in r.stderr
+    assert not home.exists()
+
+
+def test_init_makes_the_home_and_database_private(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    subprocess.run([str(SETUP_TOKEN)], env={**env, "KMS_HOME": str(tmp_path)}, check=True,
+                   capture_output=True)
+    os.chmod(tmp_path, 0o755)
+    _kms(tmp_path, "init")
+    _kms(tmp_path, "tenant", "create", "Private SA")
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700
+    files = list(tmp_path.glob("kms.sqlite3*"))
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    assert all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in tmp_path.rglob("*")
+               if p.is_file())
