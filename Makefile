@@ -46,6 +46,9 @@ demo: init
 	scripts/demo.sh
 
 bench: init
+	@command -v wrk >/dev/null || { echo "installing wrk (the load generator)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python -m bench
 
 clean:

@@ -4,9 +4,9 @@ stderr with a non-zero exit code. Secrets never come from argv."""
 from __future__ import annotations
 
 import functools
-import os
 import getpass
 import json
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
