@@ -19,14 +19,17 @@ import contextvars
 import hashlib
 import hmac
 import json
+import logging
 import secrets
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, event, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -37,6 +40,12 @@ from kms.errors import KeyIntegrityError, ServiceUnavailable
 from kms.models import AuditCheckpoint, AuditEvent, AuditHead, service_key_id
 
 GENESIS = "0" * 64
+ANCHOR_EVERY_SECONDS = 1.0
+log = logging.getLogger("kms.audit")
+
+
+def _anchor_label(audit_key: bytes) -> str:
+    return f"kms/service/audit-anchor/{audit_key.hex()}"
 
 
 @dataclass
@@ -103,6 +112,8 @@ class VerifyResult:
 class AuditJournal:
     def __init__(self, *, hsm: Pkcs11Hsm, clock: Clock):
         self._hsm, self._clock = hsm, clock
+        self._last_anchor = 0.0
+        self._anchor_lock = threading.Lock()
 
     # -- writing ------------------------------------------------------------------------
 
@@ -119,9 +130,13 @@ class AuditJournal:
         Raises ServiceUnavailable if the journal cannot be written (the caller's whole
         transaction then rolls back: no change without its event)."""
         self.append(s, [self.pending(action=action, tenant_id=tenant_id, object=object,
-                                     outcome=outcome, actor=actor)])
+                                     outcome=outcome, actor=actor)], anchor_now=True)
 
-    def append(self, s: Session, events: list[PendingEvent]) -> None:
+    def append(self, s: Session, events: list[PendingEvent], *,
+               anchor_now: bool = False) -> None:
+        """Append in the caller's transaction. Once it commits, the new head sequence is
+        anchored in the token (a monotonic counter a database restore cannot roll back):
+        always for state changes, at most once a second for data-plane batches."""
         try:
             key = self._key(s)
             head = s.get(AuditHead, 1, with_for_update=True)
@@ -142,8 +157,21 @@ class AuditJournal:
             head.seq, head.hash = seq, prev
             head.mac = self._hsm.hmac_sha256(key, f"head|{seq}|{prev}".encode()).hex()
             s.flush()
+            if anchor_now or time.monotonic() - self._last_anchor >= ANCHOR_EVERY_SECONDS:
+                label = _anchor_label(key)
+                event.listen(s, "after_commit",
+                             lambda _s: self._anchor(label, seq), once=True)
         except (SQLAlchemyError, HsmError, KeyIntegrityError) as exc:
             raise ServiceUnavailable("the audit journal cannot be written") from exc
+
+    def _anchor(self, label: str, seq: int) -> None:
+        with self._anchor_lock:
+            try:
+                self._hsm.raise_counter(label, seq)
+                self._last_anchor = time.monotonic()
+            except HsmError:
+                # The events are committed; the anchor lags until the next commit.
+                log.warning("audit anchor not written", extra={"seq": seq})
 
     @staticmethod
     def _key(s: Session) -> bytes:
@@ -174,9 +202,14 @@ class AuditJournal:
             count += 1
         head = s.get(AuditHead, 1)
         last = expected_seq - 1
+        anchor = self._hsm.read_counter(_anchor_label(key))
         if head is None:
-            return VerifyResult(count == 0, count, None if count == 0 else 1,
-                                None if count == 0 else "head missing")
+            if count == 0 and anchor == 0:
+                return VerifyResult(True, 0)
+            return VerifyResult(False, count, last + 1, "journal truncated (head missing)")
+        if head.seq < anchor:
+            return VerifyResult(False, count, head.seq + 1,
+                                "journal truncated (behind the token's anchor)")
         if not self._mac_ok(key, f"head|{head.seq}|{head.hash}", head.mac):
             return VerifyResult(False, count, head.seq, "head altered")
         if head.seq != last or head.hash != prev:

@@ -42,7 +42,7 @@ from kms.models import (
     Volume,
 )
 from kms.signing import SIGNATURE_ALGORITHM, ServiceSigner, canonical_json
-from kms.tenants import ERASED, ERASING, pending_notice
+from kms.tenants import ERASED, ERASING, load_tenant, pending_notice
 
 log = logging.getLogger("kms.erasure")
 
@@ -53,6 +53,10 @@ METHOD = {
     "fr": "destruction des clés de chiffrement (SecNumCloud 19.4 a, 11.9)",
     "en": "destruction of the encryption keys (SecNumCloud 19.4 a, 11.9)",
 }
+
+
+class NoLongerDue(Exception):
+    """The notice was cancelled (or replaced) after the runner claimed the tenant."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,9 @@ class ErasureRunner:
                 job = Erasure(tenant_id=tenant_id, notice_id=notice.id, state="running",
                               step=STEPS[0], started_at=now, attempts=0)
                 s.add(job)
+            elif job.notice_id != notice.id and job.step == STEPS[0]:
+                # A cancelled notice's attempt that never began: start over for this one.
+                job.notice_id, job.started_at, job.attempts = notice.id, now, 0
             job.attempts += 1
             job.state = "running"
             self._audit.record(s, action="erasure.start", tenant_id=tenant_id,
@@ -135,6 +142,12 @@ class ErasureRunner:
                 self._after_step(tenant_id, step)
             log.info("tenant erased", extra={"tenant": tenant_id})
             return Outcome(tenant_id, "erased")
+        except NoLongerDue:
+            with self._db.write() as s:
+                job = s.get(Erasure, tenant_id)
+                if job is not None:
+                    job.state = "cancelled"
+            return Outcome(tenant_id, "skipped")
         except (HsmError, KmsError) as exc:
             reason = "destroy_unconfirmed" if isinstance(exc, HsmDestroyUnconfirmed) else (
                 getattr(exc, "code", None) or type(exc).__name__)
@@ -166,9 +179,16 @@ class ErasureRunner:
             log.error("erasure failure not recorded", extra={"tenant": tenant_id})
 
     def _mark_erasing(self, tenant_id: str) -> None:
+        """The point of no return. Checked again here, under the tenant's row lock, so
+        that a notice cancelled since the claim is never erased."""
         with self._db.write() as s:
-            tenant = s.get(Tenant, tenant_id)
-            assert tenant is not None
+            tenant = load_tenant(s, tenant_id, lock=True)
+            notice = pending_notice(s, tenant_id)
+            job = s.get(Erasure, tenant_id)
+            if tenant.status not in (ERASING, ERASED) and (
+                    notice is None or job is None or notice.id != job.notice_id
+                    or notice.effective_at > self._clock.now()):
+                raise NoLongerDue()
             tenant.status, tenant.epoch = ERASING, tenant.epoch + 1
             tenant.updated_at = self._clock.now()
             self._advance(s, tenant_id, "mark_erasing")
@@ -287,6 +307,10 @@ class ErasureRunner:
                     .where(Notice.cancelled_at.is_(None)).order_by(Notice.effective_at)):
                 job = s.get(Erasure, tenant.id)
                 state = job.state if job else "scheduled"
+                if state == "running":
+                    with self._locks.try_lock(f"erasure:{tenant.id}") as free:
+                        if free:  # no runner holds it: one died; the next run resumes
+                            state = "interrupted"
                 out.append({"tenant_id": tenant.id, "tenant_status": tenant.status,
                             "effective_at": notice.effective_at.isoformat(),
                             "state": "erased" if state == "done" else state,

@@ -97,7 +97,7 @@ class LifecycleService:
         deadline = effective_at(served_at=served, notice_days=self._notice_days,
                                 contract_end=contract_end)
         with self._db.write() as s:
-            tenant = load_tenant(s, tenant_id)
+            tenant = load_tenant(s, tenant_id, lock=True)
             if tenant.status in (ERASING, ERASED, NOTICE) or pending_notice(s, tenant_id):
                 raise InvalidState("tenant already under notice or erased")
             notice_id = f"n-{secrets.token_hex(8)}"
@@ -117,7 +117,7 @@ class LifecycleService:
     def cancel_notice(self, tenant_id: str) -> dict[str, Any]:
         check_identifier(tenant_id, field="tenant_id")
         with self._db.write() as s:
-            tenant = load_tenant(s, tenant_id)
+            tenant = load_tenant(s, tenant_id, lock=True)
             notice = pending_notice(s, tenant_id)
             if notice is None or tenant.status in (ERASING, ERASED):
                 raise InvalidState("no cancellable notice")
@@ -131,7 +131,7 @@ class LifecycleService:
     def suspend(self, tenant_id: str) -> dict[str, Any]:
         check_identifier(tenant_id, field="tenant_id")
         with self._db.write() as s:
-            tenant = load_tenant(s, tenant_id)
+            tenant = load_tenant(s, tenant_id, lock=True)
             if tenant.status not in (ACTIVE, NOTICE):
                 raise InvalidState("only an active tenant or one under notice can be suspended")
             self._change(s, tenant, SUSPENDED, "tenant.suspend")
@@ -140,7 +140,7 @@ class LifecycleService:
     def resume(self, tenant_id: str) -> dict[str, Any]:
         check_identifier(tenant_id, field="tenant_id")
         with self._db.write() as s:
-            tenant = load_tenant(s, tenant_id)
+            tenant = load_tenant(s, tenant_id, lock=True)
             if tenant.status != SUSPENDED:
                 raise InvalidState("tenant is not suspended")
             self._change(s, tenant, NOTICE if pending_notice(s, tenant_id) else ACTIVE,

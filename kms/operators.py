@@ -116,49 +116,53 @@ class OperatorService:
     def login(self, username: str, password: str, totp_code: str) -> AdminSession:
         """Check password and TOTP; return a short-lived session token.
 
-        Raises LoginFailed for every failure, identically."""
+        Raises LoginFailed for every failure, identically. The Argon2 work runs outside
+        any database transaction, so that failed logins cannot hold the write lock."""
+        password = password if isinstance(password, str) else ""
+        with self._db.read() as s:
+            op = s.get(Operator, username) if isinstance(username, str) else None
+            stored = op.password_hash if op is not None else None
+        if stored is None:
+            self._passwords.verify_dummy(password)
+        password_ok = stored is not None and self._passwords.verify(stored, password)
+        upgraded = (self._passwords.hash(password)
+                    if password_ok and self._passwords.needs_rehash(stored or "") else None)
         now = self._clock.now()
         session: AdminSession | None = None
-        failed = False
         with self._db.write() as s:
-            op = s.get(Operator, username) if isinstance(username, str) else None
-            if op is None:
-                self._passwords.verify_dummy(password if isinstance(password, str) else "")
+            op = s.get(Operator, username, with_for_update=True) if stored is not None else None
+            if op is None or op.password_hash != stored:  # unknown, or changed meanwhile
                 self._audit.record(s, action="operator.login", tenant_id=None,
                                    object="operator:<unknown>", outcome="failure",
                                    actor="anonymous")
-                failed = True
-            elif not self._check(s, op, password, totp_code, now):
-                failed = True
-            else:
+            elif self._check(s, op, password_ok, totp_code, now):
                 op.failed_attempts, op.last_login_at = 0, now
-                if self._passwords.needs_rehash(op.password_hash):
-                    op.password_hash = self._passwords.hash(password)
+                if upgraded is not None:
+                    op.password_hash = upgraded
                 secret = secrets.token_urlsafe(32)
                 session_id = f"os-{secrets.token_hex(8)}"
                 expires = now + self._session_ttl
-                s.add(OperatorSession(id=session_id, username=username,
+                s.add(OperatorSession(id=session_id, username=op.username,
                                       token_digest=_digest(secret), created_at=now,
                                       expires_at=expires))
                 session = AdminSession(f"{session_id}.{secret}", expires)
                 self._audit.record(s, action="operator.login", tenant_id=None,
-                                   object=f"operator:{username}:session={session_id}",
-                                   actor=f"operator:{username}")
-        if failed or session is None:  # the failure and its event are committed first
+                                   object=f"operator:{op.username}:session={session_id}",
+                                   actor=f"operator:{op.username}")
+        if session is None:  # the failure and its event are committed first
             raise LoginFailed("login failed")
         return session
 
-    def _check(self, s: Session, op: Operator, password: str, totp_code: str,
+    def _check(self, s: Session, op: Operator, password_ok: bool, totp_code: str,
                now: datetime) -> bool:
         """Both factors, or count a failure (and lock at the threshold), audited."""
-        password_ok = self._passwords.verify(op.password_hash, password)
         step = self._totp_step(s, op, totp_code, now) if password_ok else None
         if op.locked_at is None and password_ok and step is not None:
             op.last_totp_step = step
             return True
-        actor = f"operator:{op.username}"
         self._audit.record(s, action="operator.login", tenant_id=None,
-                           object=f"operator:{op.username}", outcome="failure", actor=actor)
+                           object=f"operator:{op.username}", outcome="failure",
+                           actor=f"operator:{op.username}")
         if op.locked_at is None:
             op.failed_attempts += 1
             if op.failed_attempts >= self._max_failures:

@@ -62,8 +62,9 @@ def require_can_create(tenant: Tenant) -> None:
         raise TenantInNotice("tenant is under end-of-contract notice")
 
 
-def load_tenant(session: Session, tenant_id: str) -> Tenant:
-    tenant = session.get(Tenant, tenant_id)
+def load_tenant(session: Session, tenant_id: str, *, lock: bool = False) -> Tenant:
+    """The tenant row (locked FOR UPDATE on PostgreSQL when `lock`); NotFound if none."""
+    tenant = session.get(Tenant, tenant_id, with_for_update=lock)
     if tenant is None:
         raise NotFound("no such tenant")
     return tenant

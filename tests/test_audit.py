@@ -312,3 +312,29 @@ def test_tenant_export_has_all_and_only_its_events(fresh, ops) -> None:  # type:
         assert [e["action"] for e in export] == actions
         assert all(e["tenant"] == tid for e in export)
         assert json.dumps(export).count(tid) >= len(export)
+
+
+def test_replaying_an_old_head_after_truncation_is_detected(fresh) -> None:  # type: ignore[no-untyped-def]
+    """The head row alone can be rolled back with the events; the token's anchor cannot."""
+    k, _ = fresh
+    make_history(k)
+    with k.db.read() as s:
+        old = s.execute(text("SELECT seq, hash, mac FROM audit_head")).one()
+    make_history_more = populate(k, "more history", volumes=1, keys=0)
+    assert make_history_more
+    with k.db.write() as s:
+        s.execute(text("DELETE FROM audit_events WHERE seq > :n"), {"n": old.seq})
+        s.execute(text("UPDATE audit_head SET seq = :seq, hash = :h, mac = :m"),
+                  {"seq": old.seq, "h": old.hash, "m": old.mac})
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == old.seq + 1, result
+
+
+def test_deleting_the_whole_journal_is_detected(fresh) -> None:  # type: ignore[no-untyped-def]
+    k, _ = fresh
+    make_history(k)
+    with k.db.write() as s:
+        s.execute(text("DELETE FROM audit_events"))
+        s.execute(text("DELETE FROM audit_head"))
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == 1, result

@@ -196,3 +196,47 @@ def test_killed_runner_process_is_completed_by_kms_erasure_run(proc_home, step) 
     assert kms("erasure", "certificate", tid, "-o", str(cert)).returncode == 0
     assert json.loads(cert.read_text())["tenant"]["id"] == tid
     assert kms("erasure", "verify", str(cert)).returncode == 0
+
+
+def test_a_notice_cancelled_after_the_claim_is_never_erased(clocked) -> None:  # type: ignore[no-untyped-def]
+    """The operator cancels between the runner's claim and its point of no return: the
+    cancellation wins; nothing is destroyed, no certificate."""
+    kms, clock = clocked
+    tid, c, _ = populate(kms, "cancelled mid-claim", volumes=1)
+    kms.lifecycle.serve_notice(tid)
+    clock.advance(NOTICE)
+    r = runner(kms)
+    real_claim = r._claim
+
+    def claim_then_cancel(tenant_id: str):  # type: ignore[no-untyped-def]
+        job = real_claim(tenant_id)
+        kms.lifecycle.cancel_notice(tenant_id)
+        return job
+
+    r._claim = claim_then_cancel  # type: ignore[method-assign]
+    assert r.erase(tid).state == "skipped"
+    assert kms.tenants.show(tid).status == "active"
+    assert kms.hsm.find_objects(label_prefix=tenant_label_prefix(tid))
+    with pytest.raises(Exception):
+        kms.erasure.certificate(tid)
+    assert kms.volumes.fetch_key(c["hypervisor"], "vol-0").key_bits == 512
+    kms.lifecycle.serve_notice(tid)  # a new notice later is erased normally
+    clock.advance(NOTICE)
+    assert kms.erasure.erase(tid).state == "erased"
+
+
+def test_status_shows_an_interrupted_erasure(clocked) -> None:  # type: ignore[no-untyped-def]
+    kms, clock = clocked
+    tid, _, _ = populate(kms, "interrupted status", volumes=1)
+    kms.lifecycle.serve_notice(tid)
+    clock.advance(NOTICE)
+
+    def crash(tenant_id: str, done: str) -> None:
+        if done == "destroy_keys":
+            raise Crash()
+
+    with pytest.raises(Crash):
+        runner(kms, after_step=crash).erase(tid)
+    row = [r for r in kms.erasure.status() if r["tenant_id"] == tid][0]
+    assert row["state"] == "interrupted" and row["step"] == "verify_absent"
+    assert kms.erasure.erase(tid).state == "erased"
