@@ -33,7 +33,7 @@ OperatorDep = Annotated[OperatorCaller, Depends(authenticate_operator)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class LoginBody(_Strict):

@@ -19,7 +19,8 @@ class _TooLarge(HTTPException):
 
 
 class BodySizeLimit:
-    """Pure ASGI middleware: checks Content-Length up front and counts streamed bytes."""
+    """Pure ASGI middleware: bodies are JSON (415 otherwise) and no larger than the limit
+    (413), checked from Content-Length up front and by counting streamed bytes."""
 
     def __init__(self, app: Any, *, max_bytes: int):
         self.app = app
@@ -40,6 +41,12 @@ class BodySizeLimit:
             if int(declared) > self.max_bytes:
                 await problem("payload_too_large", lang)(scope, receive, send)
                 return
+        has_body = (declared not in (None, "0")) or "transfer-encoding" in headers
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if has_body and scope.get("method") in ("POST", "PUT", "PATCH") \
+                and content_type != "application/json":
+            await problem("unsupported_media_type", lang)(scope, receive, send)
+            return
         seen = 0
         started = False
 

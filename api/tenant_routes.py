@@ -13,7 +13,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
@@ -38,7 +38,9 @@ CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields refused; no coercion ("512" is not 512, "yes" is not true)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class VolumeCreate(_Strict):
@@ -168,8 +170,8 @@ def rotate_key(name: str, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
 
 
 @router.patch("/keys/{name}/versions/{version}")
-def set_version_state(name: str, version: int, body: VersionPatch, caller: CallerDep,
-                      kms: KmsDep) -> dict[str, Any]:
+def set_version_state(name: str, version: Annotated[int, Path(ge=1, le=2**31 - 1)],
+                      body: VersionPatch, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
     return kms.appkeys.set_version_state(caller, name, version, body.state).public()
 
 
@@ -256,7 +258,7 @@ def _since(value: str | None) -> datetime | None:
         return None
     try:
         return require_aware(datetime.fromisoformat(value))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InvalidRequest("since must be an ISO 8601 time with a zone", field="since") \
             from None
 

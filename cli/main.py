@@ -461,6 +461,8 @@ def _parse_time(value: str | None, field: str) -> datetime | None:
     except ValueError:
         raise InvalidRequest(f"{field}: naive times are refused, add a zone",
                              field=field) from None
+    except OverflowError:
+        raise InvalidRequest(f"{field}: out of range", field=field) from None
 
 
 @audit.command("export")
@@ -491,5 +493,19 @@ def audit_purge(obj: Ctx, before: str, as_json: bool) -> None:
     emit({"deleted": n}, as_json, lambda d: f"{d['deleted']} events purged")
 
 
+def run() -> None:
+    """The console script: click's usage errors too end as one line on stderr."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        fail(f"usage: {exc.format_message()} (see kms --help)", 2)
+    except click.exceptions.Abort:
+        fail("aborted", 1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -47,6 +48,18 @@ def check_listen_policy(settings: Settings) -> None:
         raise InvalidConfiguration("the tenant and admin APIs need two ports")
 
 
+def _check_free(host: str, port: int) -> None:
+    """Fail with one line before anything starts, rather than from inside uvicorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InvalidConfiguration(f"cannot listen on {host}:{port}: "
+                                       f"{exc.strerror or exc}") from None
+
+
 class _Server(uvicorn.Server):
     """Signals are handled once for both servers, by `run_server`."""
 
@@ -72,6 +85,8 @@ def run_server(settings: Settings, kms: Kms) -> None:
     if not inspect(kms.db.engine).has_table("tenants"):
         raise InvalidConfiguration("database has no schema: run `kms init` first")
     kms.self_test()
+    for host, port in ((settings.host, settings.port), (settings.admin_host, settings.admin_port)):
+        _check_free(host, port)
     tls = admin_tls = None
     if not settings.insecure_http:
         cert, key = settings.effective_tls_cert, settings.effective_tls_key
@@ -105,6 +120,11 @@ def run_server(settings: Settings, kms: Kms) -> None:
     runner.start()
     try:
         asyncio.run(_serve_all(servers))
+    except SystemExit as exc:  # uvicorn exits when it cannot bind
+        if exc.code not in (0, None):
+            raise InvalidConfiguration(
+                f"cannot listen on {settings.host}:{settings.port} or "
+                f"{settings.admin_host}:{settings.admin_port} (address in use?)") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -134,6 +154,7 @@ def _erasure_loop(kms: Kms, settings: Settings, stop: threading.Event) -> None:
             for outcome in kms.erasure.run_due():
                 if outcome.state != "skipped":
                     log.info("erasure run", extra=outcome.public())
+            kms.transit.sweep_cache()
             for rotation in kms.kek_rotation.run_due():
                 if rotation.state != "skipped":
                     log.info("KEK rotated", extra={"tenant": rotation.tenant_id,

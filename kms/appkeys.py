@@ -143,12 +143,12 @@ class AppKeyService:
             return self._view(s, get_key(s, caller.tenant_id, name))
 
     def rotate(self, caller: Caller, name: str) -> KeyView:
-        """A new version becomes the latest (the tenant may be under notice: rotation
-        protects existing data, it creates nothing the tenant could keep)."""
+        """A new version becomes the latest. A new version is something new: refused
+        under notice (409 tenant_in_notice), like new keys and volumes."""
         caller.require(ROLE_TENANT_ADMIN)
         check_identifier(name, field="name")
         with self._db.write() as s:
-            require_usable(load_tenant(s, caller.tenant_id))
+            require_can_create(load_tenant(s, caller.tenant_id))
             key = get_key(s, caller.tenant_id, name)
             self.add_version(s, caller.tenant_id, key)
             self._audit.record(s, action="key.rotate", tenant_id=caller.tenant_id,

@@ -66,6 +66,20 @@ class Settings(BaseSettings):
         default=[("tenant-admin", "app"), ("tenant-admin", "hypervisor")])
     log_level: str = "INFO"
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return v.upper()
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("sqlite:///", "postgresql+psycopg://")):
+            raise ValueError("database_url must be sqlite:///PATH or postgresql+psycopg://…")
+        return v
+
     @field_validator("notice_days")
     @classmethod
     def _notice_upward_only(cls, v: int) -> int:

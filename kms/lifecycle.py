@@ -45,7 +45,11 @@ def effective_at(*, served_at: datetime, notice_days: int, contract_end: date | 
     served = require_aware(served_at)
     deadline = served + timedelta(days=notice_days)
     if contract_end is not None:
-        end = datetime.combine(contract_end + timedelta(days=1), time(0), tzinfo=timezone.utc)
+        try:
+            end = datetime.combine(contract_end + timedelta(days=1), time(0),
+                                   tzinfo=timezone.utc)
+        except OverflowError:
+            raise InvalidRequest("contract end out of range", field="contract_end") from None
         deadline = max(deadline, end)
     return deadline
 
@@ -216,9 +220,12 @@ def parse_contract_end(value: str | None) -> date | None:
     if value is None:
         return None
     try:
-        return date.fromisoformat(value)
+        parsed = date.fromisoformat(value)
     except ValueError:
         raise InvalidRequest("contract end must be YYYY-MM-DD", field="contract_end") from None
+    if parsed.year > 9000:
+        raise InvalidRequest("contract end out of range", field="contract_end")
+    return parsed
 
 
 def notice_digest(document: bytes) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kms import aead
@@ -33,7 +34,7 @@ from kms.errors import (
 from kms.keyring import Keyring
 from kms.models import AppKey, AppKeyVersion, Tenant
 from kms.secret import SecretBytes
-from kms.tenants import load_tenant, require_usable
+from kms.tenants import load_tenant, require_can_create, require_usable
 from kms.usage import UsageLimiter
 from kms.validation import check_identifier
 
@@ -81,11 +82,26 @@ class _KeyCache:
             while len(self._items) > self._capacity:
                 self._items.popitem(last=False)
 
-    def drop(self, tenant_id: str, name: str | None = None) -> None:
+    def drop(self, tenant_id: str) -> int:
         with self._lock:
-            for k in [k for k in self._items if k[0] == tenant_id
-                      and (name is None or k[1] == name)]:
+            gone = [k for k in self._items if k[0] == tenant_id]
+            for k in gone:
                 del self._items[k]
+            return len(gone)
+
+    def drop_epoch(self, tenant_id: str, epoch: int) -> int:
+        with self._lock:
+            gone = [k for k in self._items if k[0] == tenant_id and k[3] == epoch]
+            for k in gone:
+                del self._items[k]
+            return len(gone)
+
+    def tenant_epochs(self) -> dict[str, set[int]]:
+        with self._lock:
+            out: dict[str, set[int]] = {}
+            for k in self._items:
+                out.setdefault(k[0], set()).add(k[3])
+            return out
 
 
 class TransitService:
@@ -98,6 +114,26 @@ class TransitService:
 
     def drop_cached(self, tenant_id: str) -> None:
         self._cache.drop(tenant_id)
+        self._limiter.forget(tenant_id)
+
+    def sweep_cache(self) -> int:
+        """Drop cached keys of tenants whose state changed in another process (another
+        replica, or `kms erasure run`); returns how many were dropped."""
+        live = self._cache.tenant_epochs()
+        if not live:
+            return 0
+        with self._db.read() as s:
+            current = {t.id: (t.epoch, t.status) for t in
+                       s.scalars(select(Tenant).where(Tenant.id.in_(list(live))))}
+        dropped = 0
+        for tenant_id, epochs in live.items():
+            epoch, status = current.get(tenant_id, (None, "erased"))
+            for stale in epochs - {epoch}:
+                dropped += self._cache.drop_epoch(tenant_id, stale)
+            if status not in ("active", "notice"):
+                dropped += self._cache.drop(tenant_id)
+                self._limiter.forget(tenant_id)
+        return dropped
 
     # -- single operations ------------------------------------------------------------
 
@@ -160,14 +196,21 @@ class TransitService:
         _check_batch(items)
         ciphers: dict[int, AESGCM | KmsError] = {}
         results, failures = [], 0
+        with self._db.read() as s:  # one look at the tenant and key for the whole batch
+            tenant, key = self._usable(s, caller, name)
+            for ciphertext, _context in items:
+                try:
+                    version = aead.parse_ciphertext(ciphertext)[0]
+                except DecryptionFailed:
+                    continue
+                if version not in ciphers:
+                    try:
+                        ciphers[version] = self._opener_in(s, tenant, key, version, DECRYPTABLE)
+                    except (DecryptionFailed, KeyVersionUnavailable) as exc:
+                        ciphers[version] = exc
         for ciphertext, context in items:
             try:
                 version, blob = aead.parse_ciphertext(ciphertext)
-                if version not in ciphers:
-                    try:
-                        ciphers[version] = self._opener(caller, name, version, DECRYPTABLE)
-                    except (DecryptionFailed, KeyVersionUnavailable) as exc:
-                        ciphers[version] = exc
                 cipher = ciphers[version]
                 if isinstance(cipher, KmsError):
                     raise cipher
@@ -207,7 +250,7 @@ class TransitService:
             row = s.get(AppKeyVersion, (key.id, key.latest_version))
             if row is None or row.state != "active":
                 raise KeyVersionUnavailable("the latest version may not encrypt: rotate")
-            if self._limiter.try_take_local(key.id, row.version, n):
+            if self._limiter.try_take_local(tenant.id, key.id, row.version, n):
                 return row.version, self._cipher(s, tenant, key, row)
         with self._db.write() as s:
             tenant, key = self._usable(s, caller, name)
@@ -217,6 +260,7 @@ class TransitService:
             if row.state != "active":
                 raise KeyVersionUnavailable("the latest version may not encrypt: rotate")
             if not self._limiter.reserve(s, tenant_id=tenant.id, key_name=name, row=row, n=n):
+                require_can_create(tenant)  # no new version under notice, even at the cap
                 row = self._keys.add_version(s, tenant.id, key)
                 self._audit.record(s, action="key.rotate", tenant_id=tenant.id,
                                    object=f"key:{name}:v{row.version}:usage-cap",
@@ -231,16 +275,20 @@ class TransitService:
                 allowed: tuple[str, ...]) -> AESGCM:
         with self._db.read() as s:
             tenant, key = self._usable(s, caller, name)
-            if version > key.latest_version:
-                raise DecryptionFailed()
-            if version < key.min_decryption_version:
-                raise KeyVersionUnavailable("version below min_decryption_version")
-            row = s.get(AppKeyVersion, (key.id, version))
-            if row is None:
-                raise DecryptionFailed()
-            if row.state not in allowed:
-                raise KeyVersionUnavailable(f"version is {row.state}")
-            return self._cipher(s, tenant, key, row)
+            return self._opener_in(s, tenant, key, version, allowed)
+
+    def _opener_in(self, s: Session, tenant: Tenant, key: AppKey, version: int,
+                   allowed: tuple[str, ...]) -> AESGCM:
+        if version > key.latest_version:  # no such version: no database read needed
+            raise DecryptionFailed()
+        if version < key.min_decryption_version:
+            raise KeyVersionUnavailable("version below min_decryption_version")
+        row = s.get(AppKeyVersion, (key.id, version))
+        if row is None:
+            raise DecryptionFailed()
+        if row.state not in allowed:
+            raise KeyVersionUnavailable(f"version is {row.state}")
+        return self._cipher(s, tenant, key, row)
 
     def _open(self, cipher: AESGCM, name: str, version: int, blob: bytes, context: bytes,
               caller: Caller, action: str) -> bytes:

@@ -29,12 +29,14 @@ class UsageLimiter:
     def __init__(self, *, hsm: Pkcs11Hsm, cap: int, block: int = BLOCK):
         self._hsm, self.cap, self._block = hsm, cap, block
         self._lock = threading.Lock()
-        # (key id, version) -> [next, limit): counts this process has reserved
-        self._ranges: dict[tuple[int, int], list[int]] = {}
+        # (tenant, key id, version) -> [next, limit): counts this process has reserved.
+        # The tenant is part of the key: SQLite may hand an erased tenant's key id to a
+        # new key of another tenant.
+        self._ranges: dict[tuple[str, int, int], list[int]] = {}
 
-    def try_take_local(self, key_id: int, version: int, n: int) -> bool:
+    def try_take_local(self, tenant_id: str, key_id: int, version: int, n: int) -> bool:
         with self._lock:
-            r = self._ranges.get((key_id, version))
+            r = self._ranges.get((tenant_id, key_id, version))
             if r is not None and r[1] - r[0] >= n:
                 r[0] += n
                 return True
@@ -56,10 +58,10 @@ class UsageLimiter:
             raise ServiceUnavailable("the security token is unavailable") from exc
         row.encryptions = high + grant
         with self._lock:
-            self._ranges[(row.key_id, row.version)] = [high + n, high + grant]
+            self._ranges[(tenant_id, row.key_id, row.version)] = [high + n, high + grant]
         return True
 
-    def forget(self, key_id: int) -> None:
+    def forget(self, tenant_id: str) -> None:
         with self._lock:
-            for k in [k for k in self._ranges if k[0] == key_id]:
+            for k in [k for k in self._ranges if k[0] == tenant_id]:
                 del self._ranges[k]

@@ -14,7 +14,7 @@ MAX_TENANT_NAME = 200
 def check_identifier(value: str, *, field: str) -> str:
     """Return `value` if it is an opaque identifier of 1-128 characters from
     [A-Za-z0-9._:-]; raise InvalidRequest otherwise."""
-    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value) or value in (".", ".."):
         raise InvalidRequest(f"{field} must be 1-128 characters from [A-Za-z0-9._:-]",
                              field=field)
     return value

@@ -243,3 +243,29 @@ def test_deleted_volume_reports_its_erasure(client, kms, tenant) -> None:  # typ
     status = client.get("/v1/volumes/gone-soon", headers=hv).json()
     assert status["erasure"]["status"] == "complete" and status["erasure"]["completed_at"]
     assert client.get("/v1/volumes/never-was", headers=hv).status_code == 404
+
+
+def test_out_of_range_and_loosely_typed_input_is_a_4xx(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """Found by the break-it trial: each of these was a 500, or silently coerced."""
+    admin, hv, app = tenant.auth("tenant-admin"), tenant.auth("hypervisor"), tenant.auth("app")
+    client.post("/v1/keys", json={"name": "typed"}, headers=admin)
+    r = client.patch("/v1/keys/typed/versions/9223372036854775808",
+                     json={"state": "suspended"}, headers=admin)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request"
+    r = client.get("/v1/tenant/audit?since=9999-12-31T23:59:59-23:59", headers=admin)
+    assert r.status_code == 400
+    for body in ({"volume_id": "typed", "key_bits": "512"}, {"volume_id": "typed",
+                                                             "key_bits": 512.0}):
+        r = client.post("/v1/volumes", json=body, headers=hv)
+        assert r.status_code == 400 and r.json()["field"] == "key_bits"
+    r = client.patch("/v1/keys/typed", json={"enabled": "yes"}, headers=admin)
+    assert r.status_code == 400
+    for bad_id in (".", ".."):
+        r = client.post("/v1/volumes", json={"volume_id": bad_id}, headers=hv)
+        assert r.status_code == 400, bad_id
+    r = client.post("/v1/keys/typed/encrypt", content=b'{"plaintext":"aGk="}',
+                    headers={**app, "content-type": "text/plain"})
+    assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
+    r = client.put("/v1/volumes", headers=hv)
+    assert r.status_code == 405 and r.headers["allow"]
+    assert client.get("/v1/volumes", headers=hv).json()["volumes"] == []

@@ -377,3 +377,15 @@ def test_key_lifecycle_state_machine(clocked) -> None:  # type: ignore[no-untype
         max_examples=20, stateful_step_count=20, deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     Lifecycle.TestCase().runTest()
+
+
+def test_usage_reservations_are_per_tenant(kms) -> None:  # type: ignore[no-untyped-def]
+    """SQLite may reuse an erased tenant's key id: a reservation never crosses tenants."""
+    from kms.usage import UsageLimiter
+
+    limiter = UsageLimiter(hsm=kms.hsm, cap=100)
+    limiter._ranges[("t-erased", 7, 1)] = [0, 4096]
+    assert limiter.try_take_local("t-erased", 7, 1, 1)
+    assert not limiter.try_take_local("t-new", 7, 1, 1)
+    limiter.forget("t-erased")
+    assert not limiter.try_take_local("t-erased", 7, 1, 1)

@@ -74,6 +74,8 @@ def test_during_notice_existing_keys_work_and_creation_is_409(clocked) -> None: 
                            key_bits=512)
     with pytest.raises(TenantInNotice):
         kms.appkeys.create(callers["tenant-admin"], name="new", key_type="aes256-gcm")
+    with pytest.raises(TenantInNotice):  # a new version is something new too
+        kms.appkeys.rotate(callers["tenant-admin"], "key-0")
     kms.volumes.delete(callers["hypervisor"], "vol-1")  # deleting stays possible
 
 
@@ -234,3 +236,21 @@ def test_named_lock_excludes_a_second_holder_and_dies_with_it(kms) -> None:  # t
             assert got_other
     with b.try_lock("erasure:x") as got_b:
         assert got_b
+
+
+def test_other_processes_cached_keys_are_swept_after_a_state_change(clocked, settings) -> None:  # type: ignore[no-untyped-def]
+    """A replica that cached a tenant's keys drops them once another process (here a
+    second Kms, as `kms erasure run` would be) changes the tenant's state."""
+    from cli.wiring import build_kms
+
+    kms, clock = clocked
+    tid, callers, _ = populate(kms, "swept", volumes=0, keys=1)
+    kms.transit.encrypt(callers["app"], "key-0", b"cached")
+    assert tid in kms.transit._cache.tenant_epochs()
+    other = build_kms(settings, clock=clock)
+    try:
+        other.lifecycle.suspend(tid)
+    finally:
+        other.db.dispose()
+    assert kms.transit.sweep_cache() >= 1
+    assert tid not in kms.transit._cache.tenant_epochs()

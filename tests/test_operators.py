@@ -238,3 +238,33 @@ def test_admin_api_runs_the_operator_actions(env) -> None:  # type: ignore[no-un
     assert admin.get(f"/admin/v1/tenants/{tid}/certificate", headers=h).status_code == 404
     assert admin.post("/admin/v1/logout", headers=h).status_code == 204
     assert admin.get("/admin/v1/tenants", headers=h).status_code == 401
+
+
+def test_failed_logins_do_not_hold_the_database_write_lock(kms) -> None:  # type: ignore[no-untyped-def]
+    """While a login's Argon2 check runs, other writers go on (the break-it trial stalled
+    the tenant API with a few threads of wrong passwords)."""
+    import threading
+    import time
+
+    clock = FixedClock(T0)
+    k = make_kms(kms, clock)
+    user, totp = new_operator(k)
+    entered, release = threading.Event(), threading.Event()
+    real_verify = k.operators._passwords.verify
+
+    def slow_verify(stored: str, password: str) -> bool:
+        entered.set()
+        release.wait(10)
+        return real_verify(stored, password)
+
+    k.operators._passwords.verify = slow_verify  # type: ignore[method-assign]
+    t = threading.Thread(target=lambda: pytest.raises(Unauthenticated, k.operators.login,
+                                                      user, "wrong password!!", "000000"))
+    t.start()
+    assert entered.wait(10)
+    started = time.monotonic()
+    k.tenants.create(f"written during a login {user}")  # needs the write lock
+    elapsed = time.monotonic() - started
+    release.set()
+    t.join()
+    assert elapsed < 2.0, elapsed

@@ -141,3 +141,15 @@ def test_init_makes_the_home_and_database_private(tmp_path: Path) -> None:
     assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
     assert all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in tmp_path.rglob("*")
                if p.is_file())
+
+
+def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
+    for args in (["principal", "create", "--role", "bogus"], ["nosuch"],
+                 ["tenant", "create"], ["audit", "purge"]):
+        r = _kms(tmp_path, *args, check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert r.stderr.startswith("kms: error: usage:")
+    r = subprocess.run([KMS, "tenant", "list"], capture_output=True, text=True,
+                       env={**os.environ, "KMS_HOME": str(tmp_path),
+                            "KMS_DATABASE_URL": "garbage"})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "database_url" in r.stderr
