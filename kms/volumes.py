@@ -55,6 +55,15 @@ def _place(tenant_id: str, volume_id: str) -> KeyPlace:
     return KeyPlace(tenant_id, "volume", volume_id, 1)
 
 
+def _live_volume(s: Session, caller: Caller, volume_id: str) -> Volume:
+    """The caller's tenant's volume; NotFound for another tenant's, as for none."""
+    require_usable(load_tenant(s, caller.tenant_id))
+    volume = s.get(Volume, (caller.tenant_id, volume_id))
+    if volume is None:
+        raise NotFound("no such volume", what="volume")
+    return volume
+
+
 def _view(v: Volume) -> VolumeView:
     return VolumeView(v.volume_id, v.cipher, v.key_bits, v.created_at)
 
@@ -106,10 +115,7 @@ class VolumeService:
         caller.require(ROLE_HYPERVISOR)
         check_identifier(volume_id, field="volume_id")
         with self._db.read() as s:
-            require_usable(load_tenant(s, caller.tenant_id))
-            volume = s.get(Volume, (caller.tenant_id, volume_id))
-            if volume is None:
-                raise NotFound("no such volume", what="volume")
+            volume = _live_volume(s, caller, volume_id)
             kek = self._keyring.kek(s, caller.tenant_id, volume.kek_generation)
             key = self._keyring.unwrap(kek, _place(caller.tenant_id, volume_id),
                                        volume.wrapped_key)
@@ -129,10 +135,7 @@ class VolumeService:
         caller.require(ROLE_HYPERVISOR)
         check_identifier(volume_id, field="volume_id")
         with self._db.write() as s:
-            require_usable(load_tenant(s, caller.tenant_id))
-            volume = s.get(Volume, (caller.tenant_id, volume_id))
-            if volume is None:
-                raise NotFound("no such volume", what="volume")
+            volume = _live_volume(s, caller, volume_id)
             record = DeletedVolume(tenant_id=caller.tenant_id, volume_id=volume_id,
                                    kek_generation=volume.kek_generation,
                                    deleted_at=self._clock.now())
