@@ -152,10 +152,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             raise InvalidConfiguration(f"cannot read config file {config_file}: {exc}") from exc
     try:
         settings = Settings(**values)
-        if overrides:
-            settings = settings.model_copy(update={k: v for k, v in overrides.items()
-                                                   if v is not None})
-            Settings.model_validate(settings.model_dump())
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given:
+            # Command-line options win over the environment: validate the merged values
+            # with the environment out of the way.
+            settings = _Explicit(**{**settings.model_dump(), **given})
         return settings
     except ValueError as exc:
         first = exc.errors()[0] if hasattr(exc, "errors") else None
@@ -163,3 +164,18 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             loc = ".".join(str(p) for p in first.get("loc", ())) or "settings"
             raise InvalidConfiguration(f"invalid setting {loc}: {first.get('msg')}") from None
         raise InvalidConfiguration(f"invalid settings: {exc}") from None
+
+
+class _Explicit(Settings):
+    """Settings validated from explicit values only (no environment, no file)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)

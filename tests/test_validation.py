@@ -63,3 +63,17 @@ def test_duplicate_tenant_names_refused(kms) -> None:  # type: ignore[no-untyped
     with pytest.raises(AlreadyExists):
         kms.tenants.create(unicodedata.normalize("NFD", "CRÈME BRÛLÉE sas"))
     assert len(kms.tenants.list()) == before
+
+
+def test_command_line_overrides_win_over_the_environment_and_are_validated(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from kms.config import load_settings
+    from kms.errors import InvalidConfiguration
+
+    monkeypatch.setenv("KMS_PORT", "1111")
+    assert load_settings(None).port == 1111
+    s = load_settings(None, port=2222, home="/tmp/somewhere")
+    assert s.port == 2222 and isinstance(s.home, Path)
+    with pytest.raises(InvalidConfiguration):
+        load_settings(None, port=70000)
