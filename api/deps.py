@@ -10,7 +10,9 @@ from kms.errors import Unauthenticated
 from kms.service import Kms
 
 
-def get_kms(request: Request) -> Kms:
+# Trivial dependencies are `async def`: FastAPI would run a plain `def` in the thread
+# pool, one thread hop per dependency per request.
+async def get_kms(request: Request) -> Kms:
     kms: Kms = request.app.state.kms
     return kms
 
@@ -18,7 +20,7 @@ def get_kms(request: Request) -> Kms:
 KmsDep = Annotated[Kms, Depends(get_kms)]
 
 
-def bearer_token(request: Request) -> str:
+async def bearer_token(request: Request) -> str:
     """The token of `Authorization: Bearer …`; Unauthenticated when absent."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
