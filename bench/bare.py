@@ -1,0 +1,112 @@
+"""The HTTP ceiling: a bare endpoint on the service's own server stack.
+
+Same uvicorn configuration (`cli.serve._config`: h11, asyncio loop, access log on, the
+service's JSON log formatter), same FastAPI version, a synchronous route (the service's
+routes are `def`, run in the thread pool) that reads the bearer header and parses the
+same pydantic body shape as `POST /v1/keys/{name}/encrypt` — and answers a constant.
+No middleware, no database, no token, no crypto. Two variants beside it tell what the
+routing shape costs: the service's dependency shape, and an async route. Run:
+
+    python -m bench.bare --port 18500 [--tls-cert F --tls-key F] [--log-file F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from pydantic import BaseModel, ConfigDict
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Item(_Strict):
+    plaintext: str
+    context: str | None = None
+
+
+class Body(_Strict):
+    plaintext: str | None = None
+    context: str | None = None
+    batch: list[Item] | None = None
+
+
+CONSTANT = {"ciphertext": "kms:v1:" + "A" * 1392, "key_version": 1}
+
+
+async def _app_dep(request: Request) -> object:
+    return request.app
+
+
+async def _token_dep(request: Request) -> str:
+    return request.headers.get("authorization", "")
+
+
+def _caller_dep(token: str = Depends(_token_dep), app: object = Depends(_app_dep)) -> str:
+    return token
+
+
+def create_bare_app() -> FastAPI:
+    app = FastAPI(title="bare", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/v1/keys/{name}/encrypt")
+    def encrypt(name: str, body: Body, request: Request) -> dict[str, Any]:
+        """The ceiling: what the stack costs for this request shape."""
+        request.headers.get("authorization", "")
+        return CONSTANT
+
+    @app.post("/v1/deps/keys/{name}/encrypt")
+    def encrypt_with_deps(name: str, body: Body,
+                          caller: str = Depends(_caller_dep)) -> dict[str, Any]:
+        """The same, with the service's dependency shape doing no work: two async
+        dependencies (api/deps.py get_kms, bearer_token) under one sync dependency
+        (api/tenant_routes.py authenticate), which FastAPI runs in the thread pool."""
+        return CONSTANT
+
+    @app.post("/v1/async/keys/{name}/encrypt")
+    async def encrypt_async(name: str, body: Body, request: Request) -> dict[str, Any]:
+        """The same as an async route: no thread-pool hop at all."""
+        request.headers.get("authorization", "")
+        return CONSTANT
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--log-file")
+    args = parser.parse_args()
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit("bench.bare listens on loopback only")
+    from cli.logs import configure_logging
+    from cli.serve import _config, _Server
+    from cli.tls import server_context
+
+    configure_logging("INFO", args.log_file)
+    tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    server = _Server(_config(create_bare_app(), args.host, args.port, tls))
+    import signal
+
+    def _exit(_signum: int, _frame: Any) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
+    asyncio.run(server.serve())
+
+
+if __name__ == "__main__":
+    main()
