@@ -114,6 +114,12 @@ class _LibState:
             return lib, gen
 
     @classmethod
+    def generation(cls, path: str) -> int:
+        with cls.lock:
+            entry = cls.libs.get(path)
+            return entry[2] if entry is not None else 0
+
+    @classmethod
     def reset(cls, path: str, seen_generation: int) -> None:
         """Finalize and re-initialize the module, unless another adapter already did."""
         with cls.lock:
@@ -175,6 +181,12 @@ class Pkcs11Hsm:
         self._handles.clear()
 
     def _ensure_open(self) -> None:
+        if self._session is not None and _LibState.generation(self._module_path) \
+                != self._generation:
+            # The module was re-initialised (by another adapter of this process): every
+            # session and handle of the old generation is gone.
+            self._session = None
+            self._handles.clear()
         if self._session is None or self._pid != os.getpid():
             if self._pid is not None and self._pid != os.getpid():
                 self._session = None  # inherited from the parent: never touch it

@@ -188,3 +188,21 @@ def test_signature_verifies_with_cryptography(hsm) -> None:  # type: ignore[no-u
 def test_repr_reveals_no_pin(hsm, kms_home) -> None:  # type: ignore[no-untyped-def]
     pin = (kms_home / "secrets" / "user.pin").read_text().strip()
     assert pin not in repr(hsm)
+
+
+def test_a_reinitialisation_by_another_adapter_does_not_fail_the_next_call(kms, settings) -> None:  # type: ignore[no-untyped-def]
+    """C_Finalize/C_Initialize by one adapter of the process invalidates every session;
+    the others notice the new generation and reopen before a non-retried call."""
+    from cli.wiring import build_kms
+    from hsm.adapter import _LibState
+
+    other = build_kms(settings)
+    try:
+        other.hsm.token_info()
+        kms.hsm.token_info()
+        _LibState.reset(other.hsm._module_path, other.hsm._generation)
+        kek = kms.hsm.generate_aes_kek(label="kms/t-regen/kek/1")  # never retried
+        assert kms.hsm.find_objects(cka_id=kek)
+        kms.hsm.destroy(kek)
+    finally:
+        other.db.dispose()
