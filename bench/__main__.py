@@ -432,7 +432,13 @@ def main() -> int:
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-profile", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway homes")
+    parser.add_argument("--report-only", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: write the report again from a run's results")
     args = parser.parse_args()
+    if args.report_only:
+        saved: dict[str, Any] = json.loads(args.report_only.read_text())
+        print(write_report(saved, args.out, args.report_only.parent))
+        return 0
 
     cfg = Settings()
     if args.quick:
