@@ -10,31 +10,40 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from api.deps import KmsDep, TokenDep
 from api.problems import language, status_of
+from api.run import run
 from kms.audit import current_context
 from kms.caller import ROLE_TENANT_ADMIN, Caller
 from kms.clock import require_aware
 from kms.errors import InvalidRequest
 from kms.secret import SecretBytes
+from kms.service import Kms
+
+T = TypeVar("T")
 
 router = APIRouter(prefix="/v1")
 
 
-def authenticate(token: TokenDep, kms: KmsDep) -> Caller:
+def authenticate(kms: Kms, token: str) -> Caller:
     caller = kms.principals.authenticate(token)
     current_context().actor = caller.actor
     return caller
 
 
-CallerDep = Annotated[Caller, Depends(authenticate)]
+async def as_caller(kms: Kms, token: str, fn: Callable[[Caller], T], *,
+                    offload: bool = False) -> T:
+    """Authenticate and call `fn` in one go: inline on the event loop when nothing in it
+    would wait, else (or when `offload`) in one thread-pool hop (`api.run`)."""
+    return await run(lambda: fn(authenticate(kms, token)), offload=offload)
 
 
 class _Strict(BaseModel):
@@ -105,36 +114,42 @@ def _b64out(data: bytes) -> str:
 
 
 # -- volumes (hypervisor) -------------------------------------------------------------
+# Routes are `async`: see `as_caller`. Those that write go straight to a thread.
 
 @router.post("/volumes", status_code=201)
-def create_volume(body: VolumeCreate, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    return kms.volumes.create(caller, volume_id=body.volume_id, cipher=body.cipher,
-                              key_bits=body.key_bits).public()
+async def create_volume(body: VolumeCreate, token: TokenDep, kms: KmsDep) -> dict[str, Any]:
+    return await as_caller(kms, token, lambda c: kms.volumes.create(
+        c, volume_id=body.volume_id, cipher=body.cipher, key_bits=body.key_bits).public(),
+        offload=True)
 
 
 @router.get("/volumes")
-def list_volumes(caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    return {"volumes": [v.public() for v in kms.volumes.list(caller)]}
+async def list_volumes(token: TokenDep, kms: KmsDep) -> dict[str, Any]:
+    return await as_caller(kms, token, lambda c: {
+        "volumes": [v.public() for v in kms.volumes.list(c)]})
 
 
 @router.post("/volumes/{volume_id}/key")
-def fetch_volume_key(volume_id: str, caller: CallerDep, kms: KmsDep) -> Response:
-    vk = kms.volumes.fetch_key(caller, volume_id)
-    body = {"volume_id": vk.volume_id, "key": _b64out(vk.key.reveal()), "cipher": vk.cipher,
-            "key_bits": vk.key_bits}
-    return _no_store(body)
+async def fetch_volume_key(volume_id: str, token: TokenDep, kms: KmsDep) -> Response:
+    def op(caller: Caller) -> Response:
+        vk = kms.volumes.fetch_key(caller, volume_id)
+        return _no_store({"volume_id": vk.volume_id, "key": _b64out(vk.key.reveal()),
+                          "cipher": vk.cipher, "key_bits": vk.key_bits})
+
+    return await as_caller(kms, token, op)
 
 
 @router.get("/volumes/{volume_id}")
-def volume_status(volume_id: str, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+async def volume_status(volume_id: str, token: TokenDep, kms: KmsDep) -> dict[str, Any]:
     """A live volume, or a deleted one with the status of its erasure."""
-    return kms.volumes.status(caller, volume_id)
+    return await as_caller(kms, token, lambda c: kms.volumes.status(c, volume_id))
 
 
 @router.delete("/volumes/{volume_id}", status_code=204)
-def delete_volume(volume_id: str, caller: CallerDep, kms: KmsDep) -> Response:
+async def delete_volume(volume_id: str, token: TokenDep, kms: KmsDep) -> Response:
     """204 as the contract says; the headers tell when the erasure will be complete."""
-    erasure = kms.volumes.delete(caller, volume_id)["erasure"]
+    erasure = (await as_caller(kms, token, lambda c: kms.volumes.delete(c, volume_id),
+                               offload=True))["erasure"]
     headers = {"Kms-Erasure-Status": erasure["status"]}
     if "complete_by" in erasure:
         headers["Kms-Erasure-Complete-By"] = erasure["complete_by"]
@@ -144,113 +159,141 @@ def delete_volume(volume_id: str, caller: CallerDep, kms: KmsDep) -> Response:
 # -- application keys -------------------------------------------------------------------
 
 @router.post("/keys", status_code=201)
-def create_key(body: KeyCreate, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    return kms.appkeys.create(caller, name=body.name, key_type=body.type).public()
+async def create_key(body: KeyCreate, token: TokenDep, kms: KmsDep) -> dict[str, Any]:
+    return await as_caller(kms, token, lambda c: kms.appkeys.create(
+        c, name=body.name, key_type=body.type).public(), offload=True)
 
 
 @router.get("/keys")
-def list_keys(caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    return {"keys": [k.public() for k in kms.appkeys.list(caller)]}
+async def list_keys(token: TokenDep, kms: KmsDep) -> dict[str, Any]:
+    return await as_caller(kms, token, lambda c: {
+        "keys": [k.public() for k in kms.appkeys.list(c)]})
 
 
 @router.get("/keys/{name}")
-def show_key(name: str, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    return kms.appkeys.show(caller, name).public()
+async def show_key(name: str, token: TokenDep, kms: KmsDep) -> dict[str, Any]:
+    return await as_caller(kms, token, lambda c: kms.appkeys.show(c, name).public())
 
 
 @router.patch("/keys/{name}")
-def update_key(name: str, body: KeyPatch, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    return kms.appkeys.update(caller, name, min_decryption_version=body.min_decryption_version,
-                              enabled=body.enabled).public()
+async def update_key(name: str, body: KeyPatch, token: TokenDep,
+                     kms: KmsDep) -> dict[str, Any]:
+    return await as_caller(kms, token, lambda c: kms.appkeys.update(
+        c, name, min_decryption_version=body.min_decryption_version,
+        enabled=body.enabled).public(), offload=True)
 
 
 @router.post("/keys/{name}/rotate")
-def rotate_key(name: str, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    return kms.appkeys.rotate(caller, name).public()
+async def rotate_key(name: str, token: TokenDep, kms: KmsDep) -> dict[str, Any]:
+    return await as_caller(kms, token, lambda c: kms.appkeys.rotate(c, name).public(),
+                           offload=True)
 
 
 @router.patch("/keys/{name}/versions/{version}")
-def set_version_state(name: str, version: Annotated[int, Path(ge=1, le=2**31 - 1)],
-                      body: VersionPatch, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    return kms.appkeys.set_version_state(caller, name, version, body.state).public()
+async def set_version_state(name: str, version: Annotated[int, Path(ge=1, le=2**31 - 1)],
+                            body: VersionPatch, token: TokenDep,
+                            kms: KmsDep) -> dict[str, Any]:
+    return await as_caller(kms, token, lambda c: kms.appkeys.set_version_state(
+        c, name, version, body.state).public(), offload=True)
 
 
 @router.post("/keys/{name}/encrypt")
-def encrypt(name: str, body: EncryptBody, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    if (body.plaintext is None) == (body.batch is None):
-        raise InvalidRequest("give either plaintext or batch", field="plaintext")
-    if body.batch is None:
-        ciphertext, version = kms.transit.encrypt(
-            caller, name, _b64(body.plaintext, "plaintext"),
-            context=_b64(body.context, "context"))
-        return {"ciphertext": ciphertext, "key_version": version}
-    items = [(_b64(i.plaintext, f"batch.{n}.plaintext"), _b64(i.context, f"batch.{n}.context"))
-             for n, i in enumerate(body.batch)]
-    results = kms.transit.encrypt_batch(caller, name, items)
-    return {"batch_results": [{"ciphertext": r.value, "key_version": r.version}
-                              for r in results]}
+async def encrypt(name: str, body: EncryptBody, token: TokenDep, kms: KmsDep) -> Response:
+    def op(caller: Caller) -> Response:
+        if (body.plaintext is None) == (body.batch is None):
+            raise InvalidRequest("give either plaintext or batch", field="plaintext")
+        if body.batch is None:
+            ciphertext, version = kms.transit.encrypt(
+                caller, name, _b64(body.plaintext, "plaintext"),
+                context=_b64(body.context, "context"))
+            return JSONResponse({"ciphertext": ciphertext, "key_version": version})
+        items = [(_b64(i.plaintext, f"batch.{n}.plaintext"),
+                  _b64(i.context, f"batch.{n}.context")) for n, i in enumerate(body.batch)]
+        results = kms.transit.encrypt_batch(caller, name, items)
+        return JSONResponse({"batch_results": [{"ciphertext": r.value, "key_version": r.version}
+                                               for r in results]})
+
+    return await as_caller(kms, token, op)
 
 
 @router.post("/keys/{name}/decrypt")
-def decrypt(name: str, body: DecryptBody, caller: CallerDep, kms: KmsDep,
-            request: Request) -> Response:
-    if (body.ciphertext is None) == (body.batch is None):
-        raise InvalidRequest("give either ciphertext or batch", field="ciphertext")
-    if body.batch is None:
-        plaintext = kms.transit.decrypt(caller, name, body.ciphertext or "",
-                                        context=_b64(body.context, "context"))
-        return _no_store({"plaintext": _b64out(plaintext.reveal())})
-    items = [(i.ciphertext, _b64(i.context, f"batch.{n}.context"))
-             for n, i in enumerate(body.batch)]
+async def decrypt(name: str, body: DecryptBody, token: TokenDep, kms: KmsDep,
+                  request: Request) -> Response:
     lang = language(request.headers.get("accept-language"))
-    out: list[dict[str, Any]] = []
-    for r in kms.transit.decrypt_batch(caller, name, items):
-        if r.error is not None:
-            out.append({"error": {"code": r.error.code, "status": status_of(r.error.code)}})
-        else:
-            assert isinstance(r.value, SecretBytes)
-            out.append({"plaintext": _b64out(r.value.reveal())})
-    return _no_store({"batch_results": out}, lang)
+
+    def op(caller: Caller) -> Response:
+        if (body.ciphertext is None) == (body.batch is None):
+            raise InvalidRequest("give either ciphertext or batch", field="ciphertext")
+        if body.batch is None:
+            plaintext = kms.transit.decrypt(caller, name, body.ciphertext or "",
+                                            context=_b64(body.context, "context"))
+            return _no_store({"plaintext": _b64out(plaintext.reveal())})
+        items = [(i.ciphertext, _b64(i.context, f"batch.{n}.context"))
+                 for n, i in enumerate(body.batch)]
+        out: list[dict[str, Any]] = []
+        for r in kms.transit.decrypt_batch(caller, name, items):
+            if r.error is not None:
+                out.append({"error": {"code": r.error.code, "status": status_of(r.error.code)}})
+            else:
+                assert isinstance(r.value, SecretBytes)
+                out.append({"plaintext": _b64out(r.value.reveal())})
+        return _no_store({"batch_results": out}, lang)
+
+    return await as_caller(kms, token, op)
 
 
 @router.post("/keys/{name}/rewrap")
-def rewrap(name: str, body: DecryptItem, caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    ciphertext, version = kms.transit.rewrap(caller, name, body.ciphertext,
-                                             context=_b64(body.context, "context"))
-    return {"ciphertext": ciphertext, "key_version": version}
+async def rewrap(name: str, body: DecryptItem, token: TokenDep, kms: KmsDep) -> Response:
+    def op(caller: Caller) -> Response:
+        ciphertext, version = kms.transit.rewrap(caller, name, body.ciphertext,
+                                                 context=_b64(body.context, "context"))
+        return JSONResponse({"ciphertext": ciphertext, "key_version": version})
+
+    return await as_caller(kms, token, op)
 
 
 @router.post("/keys/{name}/datakey")
-def datakey(name: str, body: DatakeyBody, caller: CallerDep, kms: KmsDep) -> Response:
-    dk = kms.transit.datakey(caller, name, bits=body.bits, context=_b64(body.context, "context"),
-                             wrapped_only=body.wrapped_only)
-    if dk.plaintext is None:
-        return _no_store({"ciphertext": dk.ciphertext})
-    return _no_store({"plaintext": _b64out(dk.plaintext.reveal()), "ciphertext": dk.ciphertext})
+async def datakey(name: str, body: DatakeyBody, token: TokenDep, kms: KmsDep) -> Response:
+    def op(caller: Caller) -> Response:
+        dk = kms.transit.datakey(caller, name, bits=body.bits,
+                                 context=_b64(body.context, "context"),
+                                 wrapped_only=body.wrapped_only)
+        if dk.plaintext is None:
+            return _no_store({"ciphertext": dk.ciphertext})
+        return _no_store({"plaintext": _b64out(dk.plaintext.reveal()),
+                          "ciphertext": dk.ciphertext})
+
+    return await as_caller(kms, token, op)
 
 
 # -- the tenant itself ------------------------------------------------------------------
 
 @router.get("/tenant")
-def tenant(caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
-    return kms.tenants.show(caller.tenant_id).public()
+async def tenant(token: TokenDep, kms: KmsDep) -> dict[str, Any]:
+    return await as_caller(kms, token, lambda c: kms.tenants.show(c.tenant_id).public())
 
 
 @router.get("/tenant/notice")
-def tenant_notice(caller: CallerDep, kms: KmsDep) -> dict[str, Any]:
+async def tenant_notice(token: TokenDep, kms: KmsDep) -> dict[str, Any]:
     """The signed end-of-contract notice, with the public key that verifies it."""
-    caller.require(ROLE_TENANT_ADMIN)
-    notice = kms.lifecycle.notice(caller.tenant_id)
-    return {**notice.public(), "public_key_pem": kms.service_public_key_pem()}
+    def op(caller: Caller) -> dict[str, Any]:
+        caller.require(ROLE_TENANT_ADMIN)
+        notice = kms.lifecycle.notice(caller.tenant_id)
+        return {**notice.public(), "public_key_pem": kms.service_public_key_pem()}
+
+    return await as_caller(kms, token, op)
 
 
 @router.get("/tenant/audit")
-def tenant_audit(caller: CallerDep, kms: KmsDep, since: str | None = None) -> Response:
+async def tenant_audit(token: TokenDep, kms: KmsDep, since: str | None = None) -> Response:
     """The tenant's own journal events, as JSON lines (12.6 d)."""
-    caller.require(ROLE_TENANT_ADMIN)
-    lines = kms.audit_export(tenant_id=caller.tenant_id, since=_since(since))
-    return Response("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in lines),
-                    media_type="application/x-ndjson", headers={"Cache-Control": "no-store"})
+    def op(caller: Caller) -> Response:
+        caller.require(ROLE_TENANT_ADMIN)
+        lines = kms.audit_export(tenant_id=caller.tenant_id, since=_since(since))
+        return Response("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in lines),
+                        media_type="application/x-ndjson", headers={"Cache-Control": "no-store"})
+
+    return await as_caller(kms, token, op, offload=True)
 
 
 def _since(value: str | None) -> datetime | None:

@@ -162,10 +162,8 @@ def _targets(proc: Proc, t: dict[str, Any]) -> dict[str, wrk.Target]:
     return {
         "bare": wrk.Target("bare", p, "POST", "/v1/keys/bench/encrypt", t["app"], tls,
                            bodies["encrypt"]),
-        "bare-deps": wrk.Target("bare-deps", p, "POST", "/v1/deps/keys/bench/encrypt",
+        "bare-sync": wrk.Target("bare-sync", p, "POST", "/v1/sync/keys/bench/encrypt",
                                 t["app"], tls, bodies["encrypt"]),
-        "bare-async": wrk.Target("bare-async", p, "POST", "/v1/async/keys/bench/encrypt",
-                                 t["app"], tls, bodies["encrypt"]),
         "encrypt": wrk.Target("encrypt", p, "POST", "/v1/keys/bench/encrypt", t["app"], tls,
                               bodies["encrypt"]),
         "decrypt": wrk.Target("decrypt", p, "POST", "/v1/keys/bench/decrypt", t["app"], tls,
@@ -495,11 +493,8 @@ def main() -> int:
         R = cfg.reps
         spec_rows = [
             ("bare", "bare endpoint (HTTP ceiling)", bare_http, tg["bare"]["bare"], R, "http"),
-            ("bare-deps", "bare + the service's dependencies (one sync), doing nothing",
-             bare_http,
-             tg["bare"]["bare-deps"], 1, "http"),
-            ("bare-async", "bare, async route (no thread pool)", bare_http,
-             tg["bare"]["bare-async"], 1, "http"),
+            ("bare-sync", "bare, as a `def` route (one thread-pool hop)", bare_http,
+             tg["bare"]["bare-sync"], 1, "http"),
             ("encrypt", "encrypt 1 KiB", kms_http, tg["http"]["encrypt"], R, "http"),
             ("keyfetch", "volume key fetch", kms_http, tg["http"]["keyfetch"], R, "http"),
             ("batch", "batch encrypt 1000 x 1 KiB", kms_http, tg["http"]["batch"], R, "http"),

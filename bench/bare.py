@@ -1,11 +1,11 @@
 """The HTTP ceiling: a bare endpoint on the service's own server stack.
 
 Same uvicorn configuration (`cli.serve._config`: h11, asyncio loop, access log on, the
-service's JSON log formatter), same FastAPI version, a synchronous route (the service's
-routes are `def`, run in the thread pool) that reads the bearer header and parses the
-same pydantic body shape as `POST /v1/keys/{name}/encrypt` — and answers a constant.
-No middleware, no database, no token, no crypto. Two variants beside it tell what the
-routing shape costs: the service's dependency shape, and an async route. Run:
+service's JSON log formatter), same FastAPI version, an `async` route (as the service's
+are: no thread-pool hop) that reads the bearer header and parses the same pydantic body
+shape as `POST /v1/keys/{name}/encrypt` — and answers a constant. No middleware, no
+database, no token, no crypto. A variant beside it tells what a thread-pool hop costs:
+the same as a plain `def` route. Run:
 
     python -m bench.bare --port 18500 [--tls-cert F --tls-key F] [--log-file F]
 """
@@ -17,7 +17,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict
 
 
@@ -39,38 +39,18 @@ class Body(_Strict):
 CONSTANT = {"ciphertext": "kms:v1:" + "A" * 1392, "key_version": 1}
 
 
-async def _app_dep(request: Request) -> object:
-    return request.app
-
-
-async def _token_dep(request: Request) -> str:
-    return request.headers.get("authorization", "")
-
-
-def _caller_dep(token: str = Depends(_token_dep), app: object = Depends(_app_dep)) -> str:
-    return token
-
-
 def create_bare_app() -> FastAPI:
     app = FastAPI(title="bare", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.post("/v1/keys/{name}/encrypt")
-    def encrypt(name: str, body: Body, request: Request) -> dict[str, Any]:
+    async def encrypt(name: str, body: Body, request: Request) -> dict[str, Any]:
         """The ceiling: what the stack costs for this request shape."""
         request.headers.get("authorization", "")
         return CONSTANT
 
-    @app.post("/v1/deps/keys/{name}/encrypt")
-    def encrypt_with_deps(name: str, body: Body,
-                          caller: str = Depends(_caller_dep)) -> dict[str, Any]:
-        """The same, with the service's dependency shape doing no work: two async
-        dependencies (api/deps.py get_kms, bearer_token) under one sync dependency
-        (api/tenant_routes.py authenticate), which FastAPI runs in the thread pool."""
-        return CONSTANT
-
-    @app.post("/v1/async/keys/{name}/encrypt")
-    async def encrypt_async(name: str, body: Body, request: Request) -> dict[str, Any]:
-        """The same as an async route: no thread-pool hop at all."""
+    @app.post("/v1/sync/keys/{name}/encrypt")
+    def encrypt_sync(name: str, body: Body, request: Request) -> dict[str, Any]:
+        """The same as a `def` route, which FastAPI runs in its thread pool."""
         request.headers.get("authorization", "")
         return CONSTANT
 

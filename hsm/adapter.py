@@ -29,6 +29,7 @@ from pkcs11.util.ec import (
     encode_named_curve_parameters,
 )
 
+from hsm import inline
 from hsm.errors import (
     HsmAmbiguousKey,
     HsmDecryptFailed,
@@ -198,32 +199,50 @@ class Pkcs11Hsm:
         _LibState.reset(self._module_path, self._generation)
 
     def _run(self, fn: Callable[[Any], T], *, retry: bool = True) -> T:
-        with self._lock:
-            for attempt in (1, 2):
+        if inline.active():
+            # On an event loop: never wait for the lock, never open a session there.
+            if not self._lock.acquire(blocking=False):
+                raise inline.WouldBlock()
+            try:
+                if self._session is None or self._pid != os.getpid() or \
+                        _LibState.generation(self._module_path) != self._generation:
+                    raise inline.WouldBlock()
                 try:
-                    self._ensure_open()
-                    return fn(self._session)
-                except HsmLoginFailed as exc:
-                    if self._ever_opened:  # it worked before: the token is away for now
-                        raise HsmUnavailable("the security token is unavailable") from exc
-                    raise
-                except HsmError:
-                    raise
-                except _MISUSE as exc:
-                    raise HsmKeyUsageRefused("the token refused this use of the key") from exc
-                except _SESSION_LOST as exc:
-                    self._reset()
-                    if attempt == 2 or not retry:
-                        raise HsmUnavailable("the security token is unavailable") from exc
-                except p11e.PKCS11Error as exc:
-                    # Anything else the binding raises (CKR_CRYPTOKI_NOT_INITIALIZED after a
-                    # finalize, a missing token, ...): re-initialise and, for idempotent
-                    # calls, try once more; then it is a token we cannot use right now.
-                    self._reset()
-                    if attempt == 2 or not retry:
-                        raise HsmUnavailable(
-                            f"the security token failed: {type(exc).__name__}") from exc
-            raise AssertionError("unreachable")
+                    return self._run_locked(fn, retry=False)
+                except HsmUnavailable as exc:
+                    # The session was lost and reset: re-open and retry off the loop.
+                    raise inline.WouldBlock() from exc
+            finally:
+                self._lock.release()
+        with self._lock:
+            return self._run_locked(fn, retry=retry)
+
+    def _run_locked(self, fn: Callable[[Any], T], *, retry: bool) -> T:
+        for attempt in (1, 2):
+            try:
+                self._ensure_open()
+                return fn(self._session)
+            except HsmLoginFailed as exc:
+                if self._ever_opened:  # it worked before: the token is away for now
+                    raise HsmUnavailable("the security token is unavailable") from exc
+                raise
+            except HsmError:
+                raise
+            except _MISUSE as exc:
+                raise HsmKeyUsageRefused("the token refused this use of the key") from exc
+            except _SESSION_LOST as exc:
+                self._reset()
+                if attempt == 2 or not retry:
+                    raise HsmUnavailable("the security token is unavailable") from exc
+            except p11e.PKCS11Error as exc:
+                # Anything else the binding raises (CKR_CRYPTOKI_NOT_INITIALIZED after a
+                # finalize, a missing token, ...): re-initialise and, for idempotent
+                # calls, try once more; then it is a token we cannot use right now.
+                self._reset()
+                if attempt == 2 or not retry:
+                    raise HsmUnavailable(
+                        f"the security token failed: {type(exc).__name__}") from exc
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:

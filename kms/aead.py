@@ -37,8 +37,21 @@ class ParsedCiphertext:
 
 
 def app_aad(*, key_name: str, version: int, context: bytes) -> bytes:
-    parts = [key_name.encode(), str(version).encode(), context]
-    return b"kms-app:v1" + b"".join(struct.pack(">I", len(p)) + p for p in parts)
+    return app_aad_prefix(key_name=key_name, version=version) + _field(context)
+
+
+def app_aad_prefix(*, key_name: str, version: int) -> bytes:
+    """The part of the AAD shared by every item of a batch under one version."""
+    return b"kms-app:v1" + _field(key_name.encode()) + _field(str(version).encode())
+
+
+def app_aad_with(prefix: bytes, context: bytes) -> bytes:
+    """`app_aad` from a prefix of `app_aad_prefix`."""
+    return prefix + _field(context)
+
+
+def _field(value: bytes) -> bytes:
+    return struct.pack(">I", len(value)) + value
 
 
 def seal(aead: AESGCM, plaintext: bytes, *, aad: bytes, nonce: bytes | None = None) -> bytes:

@@ -3,11 +3,13 @@ that holds their event, so nothing is lost and one transaction serves many reque
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
+from hsm import inline
 from kms.audit import AuditJournal, PendingEvent
 from kms.db import Database
 from kms.errors import KmsError, ServiceUnavailable
@@ -25,12 +27,16 @@ class AuditBatcher:
         self._pid = 0
 
     def submit(self, event: PendingEvent) -> None:
-        """Return once the event is committed; ServiceUnavailable if it cannot be."""
+        """Return once the event is committed; ServiceUnavailable if it cannot be.
+        Inline (on the event loop, `hsm.inline`), return at once and leave the wait to
+        the caller, who must await the future before it answers."""
         if not self.enabled:
             return
         self._ensure_thread()
         done: Future[None] = Future()
         self._queue.put((event, done))
+        if inline.defer(done):
+            return  # on the event loop: the route awaits `done` before it answers
         try:
             done.result(timeout=WAIT_SECONDS)
         except KmsError:
@@ -56,11 +62,20 @@ class AuditBatcher:
                 except queue.Empty:
                     break
             try:
-                with self._db.write() as s:
-                    self._journal.append(s, [event for event, _ in batch])
+                self._journal.append_direct(self._db, [event for event, _ in batch])
             except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
                 for _, done in batch:
-                    done.set_exception(exc)
+                    _settle(done, exc)
             else:
                 for _, done in batch:
-                    done.set_result(None)
+                    _settle(done, None)
+
+
+def _settle(done: Future[None], exc: BaseException | None) -> None:
+    if done.done():  # cancelled by its waiter
+        return
+    with contextlib.suppress(InvalidStateError):
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)

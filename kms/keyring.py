@@ -106,11 +106,15 @@ class Keyring:
 
     def unwrap(self, kek: Kek, place: KeyPlace, blob: bytes) -> bytes:
         """Raises KeyIntegrityError if the blob does not belong to this KEK and place."""
+        return self.unwrap_with(kek.cka_id, place, blob)
+
+    def unwrap_with(self, kek_cka_id: str, place: KeyPlace, blob: bytes) -> bytes:
+        """`unwrap` with the KEK's CKA_ID (hex) as read by a Core query."""
         if len(blob) < 1 + GCM_IV_BYTES + _TAG_BYTES or blob[0] != BLOB_VERSION:
             raise KeyIntegrityError("malformed wrapped key")
         iv, sealed = blob[1:1 + GCM_IV_BYTES], blob[1 + GCM_IV_BYTES:]
         try:
-            return self._hsm.gcm_decrypt(bytes.fromhex(kek.cka_id), sealed, iv=iv,
+            return self._hsm.gcm_decrypt(bytes.fromhex(kek_cka_id), sealed, iv=iv,
                                          aad=place.aad())
         except HsmDecryptFailed as exc:
             raise KeyIntegrityError("wrapped key does not match its place") from exc

@@ -20,12 +20,14 @@ from kms.caller import ROLES, Caller
 from kms.clock import Clock
 from kms.db import Database
 from kms.errors import IncompatibleRoles, InvalidRequest, NotFound, Unauthenticated
-from kms.models import Principal, Tenant
-from kms.tenants import ERASED, ERASING, load_tenant, require_usable
+from kms.models import Principal
+from kms.tenants import ERASED, ERASING, load_tenant, require_usable_status
 from kms.validation import check_identifier
 
 _SECRET_BYTES = 32
 _DUMMY_DIGEST = hashlib.sha256(b"no such principal").digest()
+_AUTH = ("SELECT p.token_digest, p.revoked_at, p.role, p.tenant_id, t.status, t.epoch "
+         "FROM principals p JOIN tenants t ON t.id = p.tenant_id WHERE p.id = ?")
 
 
 @dataclass(frozen=True)
@@ -85,24 +87,21 @@ class PrincipalService:
         return IssuedToken(principal_id, tenant_id, role, name, f"{principal_id}.{secret}")
 
     def authenticate(self, token: str) -> Caller:
-        """Return the caller for a bearer token.
+        """Return the caller for a bearer token (one Core query: principal and tenant).
 
         Raises Unauthenticated for any unknown, malformed or revoked token, and the tenant
         state errors (suspended, erased) for a valid token of such a tenant."""
         principal_id, _, secret = token.partition(".")
-        with self._db.read() as s:
-            principal = None
-            if 1 <= len(principal_id) <= 128 and secret:
-                principal = s.get(Principal, principal_id)
-            stored = principal.token_digest if principal is not None else _DUMMY_DIGEST
-            matches = hmac.compare_digest(_digest(secret), stored)
-            if principal is None or not matches or principal.revoked_at is not None:
-                raise Unauthenticated("invalid bearer token")
-            tenant = s.get(Tenant, principal.tenant_id)
-            if tenant is None:
-                raise Unauthenticated("invalid bearer token")
-            require_usable(tenant)
-            return Caller(principal.id, tenant.id, principal.role, tenant.epoch)
+        row = None
+        if 1 <= len(principal_id) <= 128 and secret:
+            row = self._db.fetchone(self._db.sql(_AUTH), (principal_id,))
+        stored = row[0] if row is not None else _DUMMY_DIGEST
+        matches = hmac.compare_digest(_digest(secret), bytes(stored))
+        if row is None or not matches or row[1] is not None:
+            raise Unauthenticated("invalid bearer token")
+        _, _, role, tenant_id, status, epoch = row
+        require_usable_status(status)
+        return Caller(principal_id, tenant_id, role, epoch)
 
     def revoke(self, principal_id: str) -> dict[str, object]:
         """Revoke a principal: its token is refused from now on (idempotent)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -48,15 +49,24 @@ def pending_notice(session: Session, tenant_id: str) -> Notice | None:
                            .order_by(Notice.served_at.desc()).limit(1)).first()
 
 
-def require_usable(tenant: Tenant) -> None:
+class _HasStatus(Protocol):
+    @property
+    def status(self) -> str: ...
+
+
+def require_usable(tenant: _HasStatus) -> None:
     """Existing keys work in `active` and `notice` (reversibility, 19.1 g)."""
-    if tenant.status == SUSPENDED:
+    require_usable_status(tenant.status)
+
+
+def require_usable_status(status: str) -> None:
+    if status == SUSPENDED:
         raise TenantSuspended("tenant is suspended")
-    if tenant.status in (ERASING, ERASED):
+    if status in (ERASING, ERASED):
         raise TenantErased("tenant has been erased")
 
 
-def require_can_create(tenant: Tenant) -> None:
+def require_can_create(tenant: _HasStatus) -> None:
     require_usable(tenant)
     if tenant.status == NOTICE:
         raise TenantInNotice("tenant is under end-of-contract notice")

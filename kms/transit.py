@@ -30,11 +30,12 @@ from kms.errors import (
     KeyDisabled,
     KeyVersionUnavailable,
     KmsError,
+    NotFound,
 )
 from kms.keyring import Keyring
 from kms.models import AppKey, AppKeyVersion, Tenant
 from kms.secret import SecretBytes
-from kms.tenants import load_tenant, require_can_create, require_usable
+from kms.tenants import load_tenant, require_can_create, require_usable, require_usable_status
 from kms.usage import UsageLimiter
 from kms.validation import check_identifier
 
@@ -56,6 +57,51 @@ class ItemResult:
     value: str | SecretBytes | None = None
     version: int | None = None
     error: KmsError | None = None
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What the data plane needs of a key (read by one Core query)."""
+
+    tenant_id: str
+    epoch: int
+    key_id: int
+    name: str
+    latest_version: int
+    min_decryption_version: int
+
+    @classmethod
+    def of(cls, tenant: Tenant, key: AppKey) -> _Key:
+        return cls(tenant.id, tenant.epoch, key.id, key.name, key.latest_version,
+                   key.min_decryption_version)
+
+
+@dataclass(frozen=True)
+class _Version:
+    version: int
+    state: str
+    wrapped_key: bytes
+    kek_generation: int
+
+    @classmethod
+    def of(cls, row: AppKeyVersion) -> _Version:
+        return cls(row.version, row.state, row.wrapped_key, row.kek_generation)
+
+    def __repr__(self) -> str:
+        return f"_Version(version={self.version}, state={self.state!r})"
+
+
+# The data plane's reads, in plain SQL (see Database.fetchone). CAST: PostgreSQL must
+# know the type of a NULL parameter.
+_LOOKUP = ("SELECT t.status, t.epoch, k.id, k.enabled, k.latest_version, "
+           "k.min_decryption_version, v.version, v.state, v.wrapped_key, v.kek_generation "
+           "FROM app_keys k JOIN tenants t ON t.id = k.tenant_id "
+           "LEFT JOIN app_key_versions v ON v.key_id = k.id "
+           "AND v.version = COALESCE(CAST(? AS INTEGER), k.latest_version) "
+           "WHERE k.tenant_id = ? AND k.name = ?")
+_TENANT_STATUS = "SELECT status FROM tenants WHERE id = ?"
+_VERSION = ("SELECT version, state, wrapped_key, kek_generation FROM app_key_versions "
+            "WHERE key_id = ? AND version = ?")
 
 
 class _KeyCache:
@@ -196,21 +242,32 @@ class TransitService:
         _check_batch(items)
         ciphers: dict[int, AESGCM | KmsError] = {}
         results, failures = [], 0
-        with self._db.read() as s:  # one look at the tenant and key for the whole batch
-            tenant, key = self._usable(s, caller, name)
-            for ciphertext, _context in items:
-                try:
-                    version = aead.parse_ciphertext(ciphertext)[0]
-                except DecryptionFailed:
-                    continue
-                if version not in ciphers:
-                    try:
-                        ciphers[version] = self._opener_in(s, tenant, key, version, DECRYPTABLE)
-                    except (DecryptionFailed, KeyVersionUnavailable) as exc:
-                        ciphers[version] = exc
-        for ciphertext, context in items:
+        parsed: list[tuple[int, bytes] | None] = []
+        for ciphertext, _context in items:
             try:
-                version, blob = aead.parse_ciphertext(ciphertext)
+                parsed.append(aead.parse_ciphertext(ciphertext))
+            except DecryptionFailed:
+                parsed.append(None)
+        first_version = next((p[0] for p in parsed if p is not None), None)
+        # One look at the tenant, the key and the first version for the whole batch.
+        key, first = self._lookup(caller, name, first_version)
+        for p in parsed:
+            if p is None or p[0] in ciphers:
+                continue
+            version = p[0]
+            try:
+                row = None
+                if key.min_decryption_version <= version <= key.latest_version:
+                    row = first if first is not None and first.version == version \
+                        else self._version(key, version)
+                ciphers[version] = self._opener_in(key, version, row, DECRYPTABLE)
+            except (DecryptionFailed, KeyVersionUnavailable) as exc:
+                ciphers[version] = exc
+        for p, (_ciphertext, context) in zip(parsed, items, strict=True):
+            try:
+                if p is None:
+                    raise DecryptionFailed()
+                version, blob = p
                 cipher = ciphers[version]
                 if isinstance(cipher, KmsError):
                     raise cipher
@@ -234,9 +291,9 @@ class TransitService:
         check_identifier(name, field="name")
         version, cipher = self._reserve(caller, name, len(items))
         out = []
+        prefix = aead.app_aad_prefix(key_name=name, version=version)
         for plaintext, context in items:
-            blob = aead.seal(cipher, plaintext,
-                             aad=aead.app_aad(key_name=name, version=version, context=context))
+            blob = aead.seal(cipher, plaintext, aad=aead.app_aad_with(prefix, context))
             out.append(ItemResult(aead.format_ciphertext(version, blob), version))
         self._journal(caller, action, f"key:{name}:v{version}" + _count(len(items), batch),
                       "success")
@@ -245,13 +302,11 @@ class TransitService:
     def _reserve(self, caller: Caller, name: str, n: int) -> tuple[int, AESGCM]:
         """The latest usable version with `n` encryptions reserved under it; rotates the
         key when its latest version has reached the cap."""
-        with self._db.read() as s:
-            tenant, key = self._usable(s, caller, name)
-            row = s.get(AppKeyVersion, (key.id, key.latest_version))
-            if row is None or row.state != "active":
-                raise KeyVersionUnavailable("the latest version may not encrypt: rotate")
-            if self._limiter.try_take_local(tenant.id, key.id, row.version, n):
-                return row.version, self._cipher(s, tenant, key, row)
+        found, latest = self._lookup(caller, name, None)
+        if latest is None or latest.state != "active":
+            raise KeyVersionUnavailable("the latest version may not encrypt: rotate")
+        if self._limiter.try_take_local(found.tenant_id, found.key_id, latest.version, n):
+            return latest.version, self._cipher(found, latest)
         with self._db.write() as s:
             tenant, key = self._usable(s, caller, name)
             # The row lock serializes replicas reserving under the same version.
@@ -269,26 +324,24 @@ class TransitService:
                                              n=n):
                     raise InvalidRequest("batch larger than a key version may encrypt",
                                          field="batch")
-            return row.version, self._cipher(s, tenant, key, row)
+            return row.version, self._cipher(_Key.of(tenant, key), _Version.of(row), s)
 
     def _opener(self, caller: Caller, name: str, version: int,
                 allowed: tuple[str, ...]) -> AESGCM:
-        with self._db.read() as s:
-            tenant, key = self._usable(s, caller, name)
-            return self._opener_in(s, tenant, key, version, allowed)
+        key, row = self._lookup(caller, name, version)
+        return self._opener_in(key, version, row, allowed)
 
-    def _opener_in(self, s: Session, tenant: Tenant, key: AppKey, version: int,
+    def _opener_in(self, key: _Key, version: int, row: _Version | None,
                    allowed: tuple[str, ...]) -> AESGCM:
-        if version > key.latest_version:  # no such version: no database read needed
+        if version > key.latest_version:  # no such version
             raise DecryptionFailed()
         if version < key.min_decryption_version:
             raise KeyVersionUnavailable("version below min_decryption_version")
-        row = s.get(AppKeyVersion, (key.id, version))
         if row is None:
             raise DecryptionFailed()
         if row.state not in allowed:
             raise KeyVersionUnavailable(f"version is {row.state}")
-        return self._cipher(s, tenant, key, row)
+        return self._cipher(key, row)
 
     def _open(self, cipher: AESGCM, name: str, version: int, blob: bytes, context: bytes,
               caller: Caller, action: str) -> bytes:
@@ -307,16 +360,47 @@ class TransitService:
             raise KeyDisabled("key is disabled")
         return tenant, key
 
-    def _cipher(self, s: Session, tenant: Tenant, key: AppKey, row: AppKeyVersion) -> AESGCM:
-        cache_key = (tenant.id, key.name, row.version, tenant.epoch)
+    def _lookup(self, caller: Caller, name: str,
+                version: int | None) -> tuple[_Key, _Version | None]:
+        """The hot path's one query: tenant state, the key, and one version of it (the
+        latest when `version` is None). Raises as `_usable` does."""
+        db = self._db
+        row = db.fetchone(db.sql(_LOOKUP), (version, caller.tenant_id, name))
+        if row is None:
+            tenant = db.fetchone(db.sql(_TENANT_STATUS), (caller.tenant_id,))
+            if tenant is None:
+                raise NotFound("no such tenant")
+            require_usable_status(tenant[0])
+            raise NotFound("no such key", what="key")
+        (status, epoch, key_id, enabled, latest, min_decryption, found, state, wrapped,
+         kek_generation) = row
+        require_usable_status(status)
+        if not enabled:
+            raise KeyDisabled("key is disabled")
+        key = _Key(caller.tenant_id, epoch, key_id, name, latest, min_decryption)
+        if found is None:
+            return key, None
+        return key, _Version(found, state, bytes(wrapped), kek_generation)
+
+    def _version(self, key: _Key, version: int) -> _Version | None:
+        row = self._db.fetchone(self._db.sql(_VERSION), (key.key_id, version))
+        return None if row is None else _Version(row[0], row[1], bytes(row[2]), row[3])
+
+    def _cipher(self, key: _Key, row: _Version, s: Session | None = None) -> AESGCM:
+        """The version's key (cached unless compromised); unwrapped in the token on a miss."""
+        cache_key = (key.tenant_id, key.name, row.version, key.epoch)
         cipher = self._cache.get(cache_key)
         if cipher is not None and row.state != COMPROMISED:
             return cipher
         if not row.wrapped_key:
             raise DecryptionFailed()
-        kek = self._keyring.kek(s, tenant.id, row.kek_generation)
-        cipher = AESGCM(self._keyring.unwrap(kek, key_place(tenant.id, key.name, row.version),
-                                             row.wrapped_key))
+        place = key_place(key.tenant_id, key.name, row.version)
+        if s is not None:
+            kek = self._keyring.kek(s, key.tenant_id, row.kek_generation)
+        else:
+            with self._db.read() as rs:
+                kek = self._keyring.kek(rs, key.tenant_id, row.kek_generation)
+        cipher = AESGCM(self._keyring.unwrap(kek, place, row.wrapped_key))
         if row.state != COMPROMISED:
             self._cache.put(cache_key, cipher)
         return cipher

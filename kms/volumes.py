@@ -20,11 +20,11 @@ from kms.audit_batch import AuditBatcher
 from kms.caller import ROLE_HYPERVISOR, Caller
 from kms.clock import Clock
 from kms.db import Database
-from kms.errors import AlreadyExists, InvalidRequest, NotFound
+from kms.errors import AlreadyExists, InvalidRequest, KeyIntegrityError, NotFound
 from kms.keyring import KeyPlace, Keyring
 from kms.models import DeletedVolume, Kek, Volume
 from kms.secret import SecretBytes
-from kms.tenants import load_tenant, require_can_create, require_usable
+from kms.tenants import load_tenant, require_can_create, require_usable, require_usable_status
 from kms.validation import check_identifier
 
 # cipher -> allowed key sizes in bits (XTS uses two keys: 512 bits = AES-256-XTS)
@@ -53,6 +53,13 @@ class VolumeKey:
 
 def _place(tenant_id: str, volume_id: str) -> KeyPlace:
     return KeyPlace(tenant_id, "volume", volume_id, 1)
+
+
+_FETCH = ("SELECT t.status, v.volume_id, v.cipher, v.key_bits, v.wrapped_key, k.cka_id, "
+          "k.state FROM tenants t "
+          "LEFT JOIN volumes v ON v.tenant_id = t.id AND v.volume_id = ? "
+          "LEFT JOIN keks k ON k.tenant_id = t.id AND k.generation = v.kek_generation "
+          "WHERE t.id = ?")
 
 
 def _live_volume(s: Session, caller: Caller, volume_id: str) -> Volume:
@@ -114,13 +121,19 @@ class VolumeService:
         """Unwrap and return the volume key. NotFound for another tenant's volume."""
         caller.require(ROLE_HYPERVISOR)
         check_identifier(volume_id, field="volume_id")
-        with self._db.read() as s:
-            volume = _live_volume(s, caller, volume_id)
-            kek = self._keyring.kek(s, caller.tenant_id, volume.kek_generation)
-            key = self._keyring.unwrap(kek, _place(caller.tenant_id, volume_id),
-                                       volume.wrapped_key)
-            released = VolumeKey(volume.volume_id, volume.cipher, volume.key_bits,
-                                 SecretBytes(key))
+        # One query: the tenant's state, the volume and the KEK that wrapped its key.
+        row = self._db.fetchone(self._db.sql(_FETCH), (volume_id, caller.tenant_id))
+        if row is None:
+            raise NotFound("no such tenant")
+        status, found, cipher, key_bits, wrapped, kek_cka_id, kek_state = row
+        require_usable_status(status)
+        if found is None:
+            raise NotFound("no such volume", what="volume")
+        if kek_cka_id is None or kek_state == "destroyed":
+            raise KeyIntegrityError("KEK generation missing or destroyed")
+        key = self._keyring.unwrap_with(kek_cka_id, _place(caller.tenant_id, volume_id),
+                                        bytes(wrapped))
+        released = VolumeKey(found, cipher, key_bits, SecretBytes(key))
         # No key leaves before its release is in the journal.
         self._batcher.submit(self._audit.pending(action="volume.key_fetch",
                                                  tenant_id=caller.tenant_id,

@@ -1,0 +1,56 @@
+"""Work run directly on an asyncio event loop must never wait.
+
+The API runs the data plane's short, read-only work on the event loop (no thread-pool
+hop). Inside `inline()`, anything that could wait (a database write or a remote database,
+the token's lock held by another thread, a token that needs opening) raises `WouldBlock`
+*before* it has changed anything, and the caller runs the whole operation again in a
+thread. Code that is not inline is unaffected.
+
+Lives in `hsm` because it is the lowest layer that has to ask; it knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any
+
+
+class WouldBlock(Exception):
+    """Raised inline where the work would wait; nothing has been changed yet."""
+
+
+# None outside inline work; inside, the futures the caller must await before answering.
+_pending: contextvars.ContextVar[list[Future[Any]] | None] = contextvars.ContextVar(
+    "kms_inline_pending", default=None)
+
+
+def active() -> bool:
+    return _pending.get() is not None
+
+
+def may_block() -> None:
+    """Raise WouldBlock when running inline."""
+    if _pending.get() is not None:
+        raise WouldBlock()
+
+
+def defer(future: Future[Any]) -> bool:
+    """Inline: hand `future` to the caller to await, and return True. Else False."""
+    pending = _pending.get()
+    if pending is None:
+        return False
+    pending.append(future)
+    return True
+
+
+@contextmanager
+def inline() -> Iterator[list[Future[Any]]]:
+    pending: list[Future[Any]] = []
+    token = _pending.set(pending)
+    try:
+        yield pending
+    finally:
+        _pending.reset(token)

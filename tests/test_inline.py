@@ -1,0 +1,133 @@
+"""The data plane runs inline on the event loop (`hsm.inline`, `api.run`): whatever would
+wait raises WouldBlock before it changes anything and the work is redone in a thread;
+journal events submitted inline are committed before the answer leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.run import run
+from hsm import inline
+from kms.config import Settings
+from kms.db import Database
+from kms.errors import ServiceUnavailable
+from kms.models import AppKeyVersion
+from tests.conftest import populate
+
+
+def _event_count(k: Any) -> int:
+    with k.db.read() as s:
+        from kms.audit import AuditJournal
+
+        return AuditJournal.count(s)
+
+
+def test_writes_and_remote_reads_refuse_to_run_inline(kms) -> None:  # type: ignore[no-untyped-def]
+    pg = Database("postgresql+psycopg://nobody@127.0.0.1:9/none")
+    with inline.inline():
+        with kms.db.read() as s:  # SQLite WAL reads do not wait for writers
+            assert s is not None
+        assert kms.db.fetchone("SELECT 1", ()) == (1,)
+        with pytest.raises(inline.WouldBlock), kms.db.write():
+            pass
+        with pytest.raises(inline.WouldBlock):
+            pg.fetchone(pg.sql("SELECT ?"), (1,))  # a network round trip: not on the loop
+    with kms.db.write():  # outside inline nothing changes
+        pass
+
+
+def test_a_token_busy_elsewhere_is_not_waited_for_inline(kms) -> None:  # type: ignore[no-untyped-def]
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with kms.hsm.exclusive():
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(5)
+    try:
+        started = time.monotonic()
+        with inline.inline(), pytest.raises(inline.WouldBlock):
+            kms.hsm.token_info()
+        assert time.monotonic() - started < 1.0
+    finally:
+        release.set()
+        t.join()
+    assert kms.hsm.token_info().label  # and outside inline it works
+
+
+def test_inline_work_that_would_write_changes_nothing_before_it_stops(kms) -> None:  # type: ignore[no-untyped-def]
+    tid, callers, _ = populate(kms, "inline refill", volumes=0, keys=1)
+    app = callers["app"]
+    before = _event_count(kms)
+    with kms.db.read() as s:
+        reserved = s.query(AppKeyVersion).one().encryptions
+    with inline.inline() as pending, pytest.raises(inline.WouldBlock):
+        # The first encryption must reserve counts (a write): it stops before any change.
+        kms.transit.encrypt(app, "key-0", b"x")
+    assert pending == [] and _event_count(kms) == before
+    with kms.db.read() as s:
+        assert s.query(AppKeyVersion).one().encryptions == reserved
+    kms.transit.encrypt(app, "key-0", b"x")  # in a thread (here: plainly) it reserves
+    with inline.inline() as pending:
+        ciphertext, version = kms.transit.encrypt(app, "key-0", b"y")
+    assert len(pending) == 1, "the event is handed to the caller to await"
+    pending[0].result(timeout=10)
+    assert kms.transit.decrypt(app, "key-0", ciphertext).reveal() == b"y" and version == 1
+
+
+def test_no_answer_leaves_before_its_event_is_committed(settings, kms) -> None:  # type: ignore[no-untyped-def]
+    from cli.wiring import build_kms
+
+    k = build_kms(settings)
+    _tid, callers, _ = populate(k, "inline slow journal", volumes=1, keys=0)
+    original = k.audit.append_direct
+
+    def slow(db: Any, events: Any) -> None:
+        time.sleep(0.3)
+        original(db, events)
+
+    k.audit.append_direct = slow  # type: ignore[method-assign]
+    before = _event_count(k)
+    key = asyncio.run(run(lambda: k.volumes.fetch_key(callers["hypervisor"], "vol-0")))
+    assert len(key.key.reveal()) == 64
+    assert _event_count(k) == before + 1, "run() returned before the event was committed"
+
+    def broken(db: Any, events: Any) -> None:
+        raise RuntimeError("disk full")
+
+    k.audit.append_direct = broken  # type: ignore[method-assign]
+    with pytest.raises(ServiceUnavailable):
+        asyncio.run(run(lambda: k.volumes.fetch_key(callers["hypervisor"], "vol-0")))
+    k.db.dispose()
+
+
+def test_the_api_falls_back_to_a_thread_while_the_token_is_busy(settings, kms) -> None:  # type: ignore[no-untyped-def]
+    _tid, _callers, tokens = populate(kms, "inline fallback", volumes=1, keys=0)
+    auth = {"Authorization": f"Bearer {tokens['hypervisor']}"}
+    with TestClient(create_app(Settings(), kms), raise_server_exceptions=False) as c:
+        first = c.post("/v1/volumes/vol-0/key", headers=auth)
+        assert first.status_code == 200
+        held, release = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with kms.hsm.exclusive():
+                held.set()
+                release.wait(10)
+
+        t = threading.Thread(target=holder)
+        t.start()
+        held.wait(5)
+        threading.Timer(0.3, release.set).start()
+        r = c.post("/v1/volumes/vol-0/key", headers=auth)  # waits in a thread, not on the loop
+        t.join()
+        assert r.status_code == 200 and r.json()["key"] == first.json()["key"]
