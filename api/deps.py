@@ -22,6 +22,10 @@ KmsDep = Annotated[Kms, Depends(get_kms)]
 
 async def bearer_token(request: Request) -> str:
     """The token of `Authorization: Bearer …`; Unauthenticated when absent."""
+    return bearer(request)
+
+
+def bearer(request: Request) -> str:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("missing bearer token")

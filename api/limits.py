@@ -30,22 +30,34 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers", [])}
-        lang = language(headers.get("accept-language"))
-        declared = headers.get("content-length")
+        declared = content_type = accept_language = None
+        chunked = False
+        for key, value in scope.get("headers", ()):
+            name = key.lower()
+            if name == b"content-length":
+                declared = value.decode("latin-1")
+            elif name == b"content-type":
+                content_type = value.decode("latin-1")
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"accept-language":
+                accept_language = value.decode("latin-1")
+
+        def refuse(code: str) -> Any:
+            return problem(code, language(accept_language))(scope, receive, send)
+
         if declared is not None:
             if not declared.isdigit():
-                await problem("invalid_request", lang)(scope, receive, send)
+                await refuse("invalid_request")
                 return
             if int(declared) > self.max_bytes:
-                await problem("payload_too_large", lang)(scope, receive, send)
+                await refuse("payload_too_large")
                 return
-        has_body = (declared not in (None, "0")) or "transfer-encoding" in headers
-        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        has_body = (declared not in (None, "0")) or chunked
+        media_type = (content_type or "").split(";")[0].strip().lower()
         if has_body and scope.get("method") in ("POST", "PUT", "PATCH") \
-                and content_type != "application/json":
-            await problem("unsupported_media_type", lang)(scope, receive, send)
+                and media_type != "application/json":
+            await refuse("unsupported_media_type")
             return
         seen = 0
         started = False
@@ -69,4 +81,4 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await problem("payload_too_large", lang)(scope, receive, send)
+                await refuse("payload_too_large")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
@@ -48,12 +47,15 @@ async def run(fn: Callable[[], T], *, offload: bool = False) -> T:
     return result  # type: ignore[no-any-return]
 
 
-async def _settle(pending: list[Future[Any]]) -> None:
+async def _settle(pending: list[Any]) -> None:
     """Wait for the commit of every journal event submitted inline."""
     for future in pending:
         try:
-            # shield: a timeout must not cancel the batcher's future under it
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), WAIT_SECONDS)
+            async with asyncio.timeout(WAIT_SECONDS):
+                if isinstance(future, asyncio.Future):
+                    await future
+                else:
+                    await asyncio.wrap_future(future)
         except KmsError:
             raise
         except Exception as exc:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,8 +21,9 @@ class WouldBlock(Exception):
     """Raised inline where the work would wait; nothing has been changed yet."""
 
 
-# None outside inline work; inside, the futures the caller must await before answering.
-_pending: contextvars.ContextVar[list[Future[Any]] | None] = contextvars.ContextVar(
+# None outside inline work; inside, the futures (asyncio's or concurrent.futures') the
+# caller must await before answering.
+_pending: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
     "kms_inline_pending", default=None)
 
 
@@ -37,7 +37,7 @@ def may_block() -> None:
         raise WouldBlock()
 
 
-def defer(future: Future[Any]) -> bool:
+def defer(future: Any) -> bool:
     """Inline: hand `future` to the caller to await, and return True. Else False."""
     pending = _pending.get()
     if pending is None:
@@ -47,8 +47,8 @@ def defer(future: Future[Any]) -> bool:
 
 
 @contextmanager
-def inline() -> Iterator[list[Future[Any]]]:
-    pending: list[Future[Any]] = []
+def inline() -> Iterator[list[Any]]:
+    pending: list[Any] = []
     token = _pending.set(pending)
     try:
         yield pending

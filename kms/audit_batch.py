@@ -3,9 +3,10 @@ that holds their event, so nothing is lost and one transaction serves many reque
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import os
-import queue
 import threading
 from concurrent.futures import Future, InvalidStateError
 
@@ -14,29 +15,52 @@ from kms.audit import AuditJournal, PendingEvent
 from kms.db import Database
 from kms.errors import KmsError, ServiceUnavailable
 
+Waiter = Future[None] | asyncio.Future[None]
 MAX_BATCH = 512
 WAIT_SECONDS = 10.0
 
 
 class AuditBatcher:
+    """One writer thread commits whatever events are waiting, in one transaction.
+
+    When to commit: a thread's event wakes the writer at once. Events submitted inline
+    on an event loop wake it with a callback scheduled on that loop (`call_soon`), which
+    runs once the loop has finished its current round of ready work: every request that
+    round started is in the same commit, and a lone request (c=1) waits for nothing."""
+
     def __init__(self, *, db: Database, journal: AuditJournal, enabled: bool = True):
         self._db, self._journal, self.enabled = db, journal, enabled
-        self._queue: queue.Queue[tuple[PendingEvent, Future[None]]] = queue.Queue()
+        self._pending: collections.deque[tuple[PendingEvent, Waiter]] = collections.deque()
+        self._wake = threading.Event()
+        self._kick_scheduled = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
 
     def submit(self, event: PendingEvent) -> None:
         """Return once the event is committed; ServiceUnavailable if it cannot be.
-        Inline (on the event loop, `hsm.inline`), return at once and leave the wait to
-        the caller, who must await the future before it answers."""
+        Inline (on the event loop, `hsm.inline`), return at once with an asyncio future
+        handed to the caller, who must await it before it answers."""
         if not self.enabled:
             return
         self._ensure_thread()
+        if inline.active():
+            try:
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:  # inline but not on a loop (tests): a thread's future
+                loop = None
+            waiter: Waiter = loop.create_future() if loop is not None else Future()
+            self._pending.append((event, waiter))
+            inline.defer(waiter)
+            if loop is None:
+                self._wake.set()
+            elif not self._kick_scheduled:
+                self._kick_scheduled = True
+                loop.call_soon(self._kick)
+            return
         done: Future[None] = Future()
-        self._queue.put((event, done))
-        if inline.defer(done):
-            return  # on the event loop: the route awaits `done` before it answers
+        self._pending.append((event, done))
+        self._wake.set()
         try:
             done.result(timeout=WAIT_SECONDS)
         except KmsError:
@@ -44,10 +68,16 @@ class AuditBatcher:
         except Exception as exc:
             raise ServiceUnavailable("the audit journal cannot be written") from exc
 
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        self._wake.set()
+
     def _ensure_thread(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
-                self._queue = queue.Queue() if self._pid != os.getpid() else self._queue
+                if self._pid != os.getpid():  # a forked child: the parent's are not ours
+                    self._pending, self._wake = collections.deque(), threading.Event()
+                    self._kick_scheduled = False
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, name="audit-batcher",
                                                 daemon=True)
@@ -55,27 +85,44 @@ class AuditBatcher:
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH:
+            self._wake.wait()
+            self._wake.clear()  # before draining: a later submit wakes the next round
+            while self._pending:
+                batch: list[tuple[PendingEvent, Waiter]] = []
+                while self._pending and len(batch) < MAX_BATCH:
+                    batch.append(self._pending.popleft())
+                error: BaseException | None = None
                 try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self._journal.append_direct(self._db, [event for event, _ in batch])
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
-                for _, done in batch:
-                    _settle(done, exc)
-            else:
-                for _, done in batch:
-                    _settle(done, None)
+                    self._journal.append_direct(self._db, [event for event, _ in batch])
+                except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                    error = exc
+                _resolve([w for _, w in batch], error)
+                if error is not None and not isinstance(error, Exception):
+                    raise error  # KeyboardInterrupt, SystemExit: after the waiters have it
 
 
-def _settle(done: Future[None], exc: BaseException | None) -> None:
-    if done.done():  # cancelled by its waiter
-        return
-    with contextlib.suppress(InvalidStateError):
-        if exc is None:
-            done.set_result(None)
+def _resolve(waiters: list[Waiter], exc: BaseException | None) -> None:
+    """Wake every waiter: threads directly, event loops with one callback each."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for w in waiters:
+        if isinstance(w, Future):
+            if not w.done():  # cancelled by its waiter
+                with contextlib.suppress(InvalidStateError):
+                    if exc is None:
+                        w.set_result(None)
+                    else:
+                        w.set_exception(exc)
         else:
-            done.set_exception(exc)
+            by_loop.setdefault(w.get_loop(), []).append(w)
+    for loop, futures in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            loop.call_soon_threadsafe(_resolve_on_loop, futures, exc)
+
+
+def _resolve_on_loop(futures: list[asyncio.Future[None]], exc: BaseException | None) -> None:
+    for f in futures:
+        if not f.done():  # a request that timed out or was cancelled
+            if exc is None:
+                f.set_result(None)
+            else:
+                f.set_exception(exc)

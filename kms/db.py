@@ -6,6 +6,9 @@ concurrent writers wait on the busy timeout instead of failing on lock upgrade.
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,6 +35,7 @@ class Database:
             _configure_sqlite(self.engine)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        self._local = threading.local()
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(kms_write=True),
                                    expire_on_commit=False)
@@ -83,6 +87,11 @@ class Database:
         """One row of a read-only statement (from `sql()`), or None."""
         self._may_read_inline()
         try:
+            if self.is_sqlite:
+                # A connection of this thread's own: no pool checkout and return (they
+                # cost more than the query).
+                found = self._reader().execute(statement, params).fetchone()
+                return None if found is None else tuple(found)
             conn = self.engine.raw_connection()
             try:
                 cur = conn.cursor()
@@ -94,6 +103,19 @@ class Database:
                 conn.close()  # back to the pool, rolled back
         except self._dbapi_errors as exc:
             raise ServiceUnavailable("the database is unavailable") from exc
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only SQLite connection (autocommit: each SELECT reads one
+        consistent snapshot), opened on first use and again after a fork."""
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = sqlite3.connect(self.engine.url.database or "", isolation_level=None,
+                                   check_same_thread=True)
+            conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA query_only=ON")
+            local.conn, local.pid = conn, os.getpid()
+        return conn
 
     @contextmanager
     def raw_write(self) -> Iterator[Any]:
@@ -150,6 +172,10 @@ class Database:
             return False
 
     def dispose(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()  # this thread's reader; other threads' close with their thread
+        self._local.conn = None
         self.engine.dispose()
 
 

@@ -8,10 +8,12 @@ against its version's cap (`kms.usage`); at the cap a new version takes over.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -42,6 +44,7 @@ from kms.validation import check_identifier
 DATAKEY_BITS = (128, 256, 512)
 MAX_BATCH = 10_000
 SYSTEM_ROTATION = "system:usage-limit"
+log = logging.getLogger("kms.transit")
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,9 @@ class TransitService:
         self._db, self._keyring, self._keys, self._limiter = db, keyring, keys, limiter
         self._cache = _KeyCache(cache_size)
         self._audit, self._batcher = audit, batcher
+        self._refill_lock = threading.Lock()
+        self._refiller: ThreadPoolExecutor | None = None
+        self._refiller_pid = 0
 
     def drop_cached(self, tenant_id: str) -> None:
         self._cache.drop(tenant_id)
@@ -306,6 +312,8 @@ class TransitService:
         if latest is None or latest.state != "active":
             raise KeyVersionUnavailable("the latest version may not encrypt: rotate")
         if self._limiter.try_take_local(found.tenant_id, found.key_id, latest.version, n):
+            if self._limiter.wants_refill(found.tenant_id, found.key_id, latest.version):
+                self._refill_in_background(found, latest.version)
             return latest.version, self._cipher(found, latest)
         with self._db.write() as s:
             tenant, key = self._usable(s, caller, name)
@@ -325,6 +333,31 @@ class TransitService:
                     raise InvalidRequest("batch larger than a key version may encrypt",
                                          field="batch")
             return row.version, self._cipher(_Key.of(tenant, key), _Version.of(row), s)
+
+    def _refill_in_background(self, key: _Key, version: int) -> None:
+        """Reserve the next block of counts off the request path (one worker thread)."""
+        with self._refill_lock:
+            if self._refiller is None or self._refiller_pid != os.getpid():
+                self._refiller = ThreadPoolExecutor(max_workers=1,
+                                                    thread_name_prefix="usage-refill")
+                self._refiller_pid = os.getpid()
+            self._refiller.submit(self._refill, key, version)
+
+    def _refill(self, key: _Key, version: int) -> None:
+        try:
+            with self._db.write() as s:
+                # As in the foreground path: the tenant's state is read in the write
+                # transaction, so no counter is created for a tenant being erased.
+                tenant = load_tenant(s, key.tenant_id)
+                require_usable(tenant)
+                row = s.get(AppKeyVersion, (key.key_id, version), with_for_update=True)
+                if row is not None and row.state == "active":
+                    self._limiter.reserve(s, tenant_id=key.tenant_id, key_name=key.name,
+                                          row=row, n=0, spare=True)
+        except Exception as exc:  # noqa: BLE001 - the foreground path reserves instead
+            log.warning("usage refill failed: %s", type(exc).__name__)
+        finally:
+            self._limiter.refill_done(key.tenant_id, key.key_id, version)
 
     def _opener(self, caller: Caller, name: str, version: int,
                 allowed: tuple[str, ...]) -> AESGCM:

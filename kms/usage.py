@@ -25,43 +25,78 @@ def counter_label(tenant_id: str, key_name: str, version: int) -> str:
     return f"{tenant_label_prefix(tenant_id)}ctr/appkey/{key_name}/v{version}"
 
 
+Key = tuple[str, int, int]  # (tenant, key id, version)
+
+
 class UsageLimiter:
+    """Per-process blocks of encryption counts. When the current block runs low, the next
+    one is reserved in the background (`wants_refill` / `reserve(spare=True)`), so the data
+    plane never waits for the token and the database on its hot path."""
+
     def __init__(self, *, hsm: Pkcs11Hsm, cap: int, block: int = BLOCK):
         self._hsm, self.cap, self._block = hsm, cap, block
         self._lock = threading.Lock()
         # (tenant, key id, version) -> [next, limit): counts this process has reserved.
         # The tenant is part of the key: SQLite may hand an erased tenant's key id to a
         # new key of another tenant.
-        self._ranges: dict[tuple[str, int, int], list[int]] = {}
+        self._ranges: dict[Key, list[int]] = {}
+        self._spares: dict[Key, list[int]] = {}  # the next block, reserved ahead
+        self._refilling: set[Key] = set()
 
     def try_take_local(self, tenant_id: str, key_id: int, version: int, n: int) -> bool:
+        k = (tenant_id, key_id, version)
         with self._lock:
-            r = self._ranges.get((tenant_id, key_id, version))
-            if r is not None and r[1] - r[0] >= n:
-                r[0] += n
-                return True
-            return False
+            r = self._ranges.get(k)
+            if r is None or r[1] - r[0] < n:
+                spare = self._spares.get(k)
+                if spare is None or spare[1] - spare[0] < n:
+                    return False
+                r = self._ranges[k] = self._spares.pop(k)  # the rest of the old one is burnt
+            r[0] += n
+            return True
+
+    def wants_refill(self, tenant_id: str, key_id: int, version: int) -> bool:
+        """True (once, until `refill_done`) when the current block is below a quarter and
+        no spare block is reserved yet: the caller reserves one in the background."""
+        k = (tenant_id, key_id, version)
+        with self._lock:
+            r = self._ranges.get(k)
+            if r is None or k in self._spares or k in self._refilling \
+                    or r[1] - r[0] >= self._block // 4:
+                return False
+            self._refilling.add(k)
+            return True
+
+    def refill_done(self, tenant_id: str, key_id: int, version: int) -> None:
+        with self._lock:
+            self._refilling.discard((tenant_id, key_id, version))
 
     def reserve(self, s: Session, *, tenant_id: str, key_name: str, row: AppKeyVersion,
-                n: int) -> bool:
+                n: int, spare: bool = False) -> bool:
         """Reserve at least `n` counts for this version inside the caller's write
-        transaction; False when the cap would be passed (the caller rotates)."""
+        transaction; False when the cap would be passed (the caller rotates). With
+        `spare`, the block is kept for when the current one runs out."""
         label = counter_label(tenant_id, key_name, row.version)
         try:
             high = max(row.encryptions, self._hsm.read_counter(label))
             grant = max(n, min(self._block, self.cap - high))
-            if high + grant > self.cap:
+            if high + grant > self.cap or grant <= 0:
                 row.encryptions = high
                 return False
             self._hsm.raise_counter(label, high + grant)
         except HsmError as exc:
             raise ServiceUnavailable("the security token is unavailable") from exc
         row.encryptions = high + grant
+        k = (tenant_id, row.key_id, row.version)
         with self._lock:
-            self._ranges[(tenant_id, row.key_id, row.version)] = [high + n, high + grant]
+            if spare:
+                self._spares[k] = [high, high + grant]
+            else:
+                self._ranges[k] = [high + n, high + grant]
         return True
 
     def forget(self, tenant_id: str) -> None:
         with self._lock:
-            for k in [k for k in self._ranges if k[0] == tenant_id]:
-                del self._ranges[k]
+            for table in (self._ranges, self._spares):
+                for k in [k for k in table if k[0] == tenant_id]:
+                    del table[k]

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from api.app import create_app
 from api.run import run
@@ -18,7 +19,7 @@ from hsm import inline
 from kms.config import Settings
 from kms.db import Database
 from kms.errors import ServiceUnavailable
-from kms.models import AppKeyVersion
+from kms.models import AppKey, AppKeyVersion
 from tests.conftest import populate
 
 
@@ -69,14 +70,17 @@ def test_inline_work_that_would_write_changes_nothing_before_it_stops(kms) -> No
     tid, callers, _ = populate(kms, "inline refill", volumes=0, keys=1)
     app = callers["app"]
     before = _event_count(kms)
-    with kms.db.read() as s:
-        reserved = s.query(AppKeyVersion).one().encryptions
+    def reserved_counts() -> int:
+        with kms.db.read() as s:
+            return s.scalars(select(AppKeyVersion.encryptions).join(
+                AppKey, AppKey.id == AppKeyVersion.key_id).where(AppKey.tenant_id == tid)).one()
+
+    reserved = reserved_counts()
     with inline.inline() as pending, pytest.raises(inline.WouldBlock):
         # The first encryption must reserve counts (a write): it stops before any change.
         kms.transit.encrypt(app, "key-0", b"x")
     assert pending == [] and _event_count(kms) == before
-    with kms.db.read() as s:
-        assert s.query(AppKeyVersion).one().encryptions == reserved
+    assert reserved_counts() == reserved
     kms.transit.encrypt(app, "key-0", b"x")  # in a thread (here: plainly) it reserves
     with inline.inline() as pending:
         ciphertext, version = kms.transit.encrypt(app, "key-0", b"y")
@@ -131,3 +135,30 @@ def test_the_api_falls_back_to_a_thread_while_the_token_is_busy(settings, kms) -
         r = c.post("/v1/volumes/vol-0/key", headers=auth)  # waits in a thread, not on the loop
         t.join()
         assert r.status_code == 200 and r.json()["key"] == first.json()["key"]
+
+
+def test_the_next_block_of_counts_is_reserved_off_the_request_path(settings, kms) -> None:  # type: ignore[no-untyped-def]
+    from cli.wiring import build_kms
+    from kms.usage import counter_label
+
+    k = build_kms(settings)
+    tid, callers, _ = populate(k, "inline prefetch", volumes=0, keys=1)
+    app = callers["app"]
+    k.limiter._block = 8
+    k.transit.encrypt(app, "key-0", b"a")  # foreground: reserves counts 0..7, uses 1
+    for _ in range(6):  # down to one left: below a quarter, the next block is prefetched
+        k.transit.encrypt(app, "key-0", b"b")
+    assert k.transit._refiller is not None
+    k.transit._refiller.submit(lambda: None).result(timeout=10)  # the refill has run
+    assert k.hsm.read_counter(counter_label(tid, "key-0", 1)) == 16
+    for _ in range(8):  # the spare block serves them inline: no write, no WouldBlock
+        with inline.inline() as pending:
+            k.transit.encrypt(app, "key-0", b"c")
+        for f in pending:
+            f.result(timeout=10)
+    key = k.transit._lookup(app, "key-0", None)[0]
+    k.lifecycle.suspend(tid)  # no block is reserved for a tenant that is not usable
+    k.transit._refill(key, 1)
+    assert k.hsm.read_counter(counter_label(tid, "key-0", 1)) <= 24
+    assert not k.limiter._spares
+    k.db.dispose()
