@@ -4,8 +4,8 @@ both unless `--insecure-http` (loopback only); the periodic erasure runner besid
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import ipaddress
 import logging
 import signal

@@ -94,7 +94,11 @@ class TokenObject:
 
 
 class _LibState:
-    """The loaded module, shared by every adapter of this process, re-made after fork."""
+    """The loaded module, shared by every adapter of this process, re-made after fork.
+
+    `lock` serializes every call into the module, whichever adapter makes it: a module
+    finalized and re-initialized by one adapter while another is inside a call crashes
+    the process (SoftHSM frees the objects under it)."""
 
     lock = threading.RLock()
     libs: dict[str, tuple[Any, int, int]] = {}  # path -> (lib, pid, generation)
@@ -132,6 +136,14 @@ class _LibState:
             cls.libs[path] = (lib, os.getpid(), gen + 1)
 
 
+def _new_lock_in_child() -> None:
+    # A thread of the parent may have held the lock at fork time: the child starts free.
+    _LibState.lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def _reinitialize(lib: Any) -> None:
     try:
         lib.reinitialize()
@@ -150,7 +162,6 @@ class Pkcs11Hsm:
         self._module_path = module_path
         self._token_label = token_label
         self._pin_reader = pin_reader
-        self._lock = threading.RLock()
         self._session: Any = None
         self._token: Any = None
         self._pid: int | None = None
@@ -160,6 +171,10 @@ class Pkcs11Hsm:
 
     def __repr__(self) -> str:
         return f"Pkcs11Hsm(module={self._module_path!r}, token={self._token_label!r})"
+
+    @property
+    def _lock(self) -> threading.RLock:
+        return _LibState.lock  # process-wide: see _LibState
 
     # -- session management -------------------------------------------------------
 

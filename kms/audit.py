@@ -15,11 +15,13 @@ transaction is shared by every request that arrived meanwhile.
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -52,7 +54,7 @@ _INSERT_SQL = (f"INSERT INTO audit_events ({', '.join(_EVENT_COLUMNS)}) "
 class _Head:
     seq: int
     hash: str
-ANCHOR_EVERY_SECONDS = 1.0
+ANCHOR_INTERVAL = 0.2
 log = logging.getLogger("kms.audit")
 
 
@@ -121,11 +123,87 @@ class VerifyResult:
     reason: str | None = None
 
 
+class _Anchorer:
+    """Writes the journal's head sequence to the token off the request path.
+
+    The anchor is a monotonic counter in the token: a database restored from an old
+    backup, or a truncated journal, ends below it and `verify` says so. Writing it costs
+    a token search and an object write (milliseconds, more in a token holding thousands
+    of objects), so one background thread writes the highest committed sequence, at most
+    every ANCHOR_INTERVAL seconds; `flush` waits for it (verify, exit)."""
+
+    def __init__(self, hsm: Pkcs11Hsm):
+        self._hsm = hsm
+        self._cond = threading.Condition()
+        self._label = ""
+        self._target = self._written = 0
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._idle = False
+        self._flushing = 0
+
+    def request(self, label: str, seq: int) -> None:
+        with self._cond:
+            if self._pid != os.getpid():  # forked: the parent's thread is not ours
+                self._thread, self._target, self._written = None, 0, 0
+                self._pid = os.getpid()
+            if seq <= self._target and label == self._label:
+                return
+            self._label, self._target = label, max(seq, self._target)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="audit-anchor",
+                                                daemon=True)
+                self._thread.start()
+                atexit.register(self.flush, 10.0)
+            if self._idle:  # resting threads pick the new target up when they wake
+                self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._flushing += 1
+            try:
+                while self._written < self._target and self._pid == os.getpid() \
+                        and self._thread is not None and self._thread.is_alive():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.notify_all()
+                    self._cond.wait(remaining)
+                return self._written >= self._target
+            finally:
+                self._flushing -= 1
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._idle = True
+                while self._written >= self._target:
+                    self._cond.wait()
+                self._idle = False
+                label, target = self._label, self._target
+            try:
+                self._hsm.raise_counter(label, target)
+                ok = True
+            except HsmError:
+                # The events are committed; the anchor lags until the next attempt.
+                log.warning("audit anchor not written", extra={"seq": target})
+                ok = False
+            with self._cond:
+                if ok:
+                    self._written = max(self._written, target)
+                    self._cond.notify_all()
+                # Rest, so that the next write covers every commit in between; a flush
+                # cuts the rest short.
+                rest_until = time.monotonic() + ANCHOR_INTERVAL
+                while not self._flushing and time.monotonic() < rest_until:
+                    self._cond.wait(rest_until - time.monotonic())
+
+
 class AuditJournal:
     def __init__(self, *, hsm: Pkcs11Hsm, clock: Clock):
         self._hsm, self._clock = hsm, clock
-        self._last_anchor = 0.0
-        self._anchor_lock = threading.Lock()
+        self._anchorer = _Anchorer(hsm)
         self._audit_key: bytes | None = None
 
     # -- writing ------------------------------------------------------------------------
@@ -161,10 +239,9 @@ class AuditJournal:
             else:
                 s.execute(update(AuditHead).where(AuditHead.id == 1)
                           .values(seq=seq, hash=prev, mac=head_mac))
-            if anchor_now or self._anchor_due():
-                label = _anchor_label(key)
-                event.listen(s, "after_commit",
-                             lambda _s: self._anchor(label, seq), once=True)
+            label = _anchor_label(key)
+            event.listen(s, "after_commit",
+                         lambda _s: self._anchorer.request(label, seq), once=True)
         except (SQLAlchemyError, HsmError, KeyIntegrityError) as exc:
             raise ServiceUnavailable("the audit journal cannot be written") from exc
 
@@ -193,8 +270,7 @@ class AuditJournal:
                                        "WHERE id = 1"), (seq, prev, head_mac))
         except (HsmError, KeyIntegrityError) as exc:
             raise ServiceUnavailable("the audit journal cannot be written") from exc
-        if self._anchor_due():
-            self._anchor(_anchor_label(key), seq)
+        self._anchorer.request(_anchor_label(key), seq)
 
     def _chain(self, key: bytes, head: Any, events: list[PendingEvent]
                ) -> tuple[list[dict[str, Any]], int, str, str]:
@@ -217,17 +293,9 @@ class AuditJournal:
         head_mac = self._hsm.hmac_sha256(key, f"head|{seq}|{prev}".encode()).hex()
         return rows, seq, prev, head_mac
 
-    def _anchor_due(self) -> bool:
-        return time.monotonic() - self._last_anchor >= ANCHOR_EVERY_SECONDS
-
-    def _anchor(self, label: str, seq: int) -> None:
-        with self._anchor_lock:
-            try:
-                self._hsm.raise_counter(label, seq)
-                self._last_anchor = time.monotonic()
-            except HsmError:
-                # The events are committed; the anchor lags until the next commit.
-                log.warning("audit anchor not written", extra={"seq": seq})
+    def flush_anchor(self, timeout: float = 10.0) -> bool:
+        """Wait until every sequence this process committed is anchored in the token."""
+        return self._anchorer.flush(timeout)
 
     def _key(self, s: Session) -> bytes:
         # The audit key's CKA_ID never changes for a database: read it once.
@@ -239,6 +307,7 @@ class AuditJournal:
 
     def verify(self, s: Session) -> VerifyResult:
         """Check every event's HMAC, the chain, the sequence, and the head."""
+        self.flush_anchor()
         key = self._key(s)
         cp = s.get(AuditCheckpoint, 1)
         expected_seq = (cp.first_seq if cp else 1)

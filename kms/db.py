@@ -6,6 +6,7 @@ concurrent writers wait on the busy timeout instead of failing on lock upgrade.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -36,6 +37,7 @@ class Database:
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         self._local = threading.local()
+        self._write_lock = threading.RLock()
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(kms_write=True),
                                    expire_on_commit=False)
@@ -60,8 +62,14 @@ class Database:
         """A transaction that commits on success and rolls back on any exception.
         Never on an event loop (`hsm.inline`): a writer may wait for the write lock."""
         inline.may_block()
-        with self._session(self._write) as s:
+        with self._writer(), self._session(self._write) as s:
             yield s
+
+    def _writer(self) -> Any:
+        """SQLite has one writer at a time: this process's writers queue on a lock (in
+        order, woken at once) rather than poll in SQLite's busy handler, which sleeps up
+        to 100 ms between tries (volume creation p99 of 2 s under 16 writers)."""
+        return self._write_lock if self.is_sqlite else contextlib.nullcontext()
 
     @contextmanager
     def query(self) -> Iterator[Connection]:
@@ -122,6 +130,12 @@ class Database:
         """A DB-API cursor in a write transaction (BEGIN IMMEDIATE on SQLite), committed
         on success and rolled back on any exception. Never on an event loop."""
         inline.may_block()
+        with self._writer():
+            with self._raw_transaction() as cur:
+                yield cur
+
+    @contextmanager
+    def _raw_transaction(self) -> Iterator[Any]:
         try:
             conn = self.engine.raw_connection()
         except self._dbapi_errors as exc:

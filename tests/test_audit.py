@@ -338,3 +338,17 @@ def test_deleting_the_whole_journal_is_detected(fresh) -> None:  # type: ignore[
         s.execute(text("DELETE FROM audit_head"))
     result = k.audit_verify()
     assert not result.ok and result.first_bad_seq == 1, result
+
+
+def test_every_commit_is_anchored_in_the_token_off_the_request_path(fresh) -> None:  # type: ignore[no-untyped-def]
+    from kms.audit import _anchor_label
+    from kms.models import AuditHead
+
+    k, _ = fresh
+    make_history(k)  # state changes and data-plane events
+    assert k.audit.flush_anchor(timeout=10)
+    with k.db.read() as s:
+        head = s.get(AuditHead, 1)
+        assert head is not None
+        key = k.audit._key(s)
+    assert k.hsm.read_counter(_anchor_label(key)) == head.seq

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from sqlalchemy import select
 
+import kms.kekrotation as kr
 from hsm import HsmKeyUsageRefused
 from kms import aead
 from kms.clock import FixedClock
@@ -27,7 +28,6 @@ from kms.errors import (
     KeyIntegrityError,
     KeyVersionUnavailable,
 )
-import kms.kekrotation as kr
 from kms.kekrotation import KekRotation, KekStillReferenced
 from kms.models import AppKey, AppKeyVersion, Kek, ServiceKey, Volume
 from kms.service import Kms, KmsOptions

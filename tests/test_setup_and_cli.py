@@ -153,3 +153,24 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
                        env={**os.environ, "KMS_HOME": str(tmp_path),
                             "KMS_DATABASE_URL": "garbage"})
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "database_url" in r.stderr
+
+
+def test_a_cli_change_is_anchored_before_the_command_exits(tmp_path: Path) -> None:
+    """The token anchor is written off the request path; a one-shot `kms` command still
+    writes it before exiting, so truncating its event afterwards is detected."""
+    import sqlite3
+
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    subprocess.run([str(SETUP_TOKEN)], env={**env, "KMS_HOME": str(tmp_path)}, check=True,
+                   capture_output=True)
+    _kms(tmp_path, "init")
+    _kms(tmp_path, "tenant", "create", "Before")
+    db = tmp_path / "kms.sqlite3"
+    with sqlite3.connect(db) as c:
+        old = c.execute("SELECT seq, hash, mac FROM audit_head").fetchone()
+    _kms(tmp_path, "tenant", "create", "After")  # exits right after its commit
+    with sqlite3.connect(db) as c:
+        c.execute("DELETE FROM audit_events WHERE seq > ?", (old[0],))
+        c.execute("UPDATE audit_head SET seq = ?, hash = ?, mac = ?", old)
+    verify = _kms(tmp_path, "audit", "verify", "--json", check=False)
+    assert verify.returncode != 0 and "truncated" in verify.stdout + verify.stderr
