@@ -248,29 +248,40 @@ class AuditJournal:
     def append_direct(self, db: Database, events: list[PendingEvent]) -> None:
         """`append` in a transaction of its own, in plain DB-API (the group commit of the
         data plane: four statements a batch instead of SQLAlchemy's unit of work)."""
+        with db.raw_write() as cur:
+            seq = self.append_cursor(cur, db, events)
+        self.anchor(seq)
+
+    def append_cursor(self, cur: Any, db: Database, events: list[PendingEvent]) -> int:
+        """Append inside the caller's `db.raw_write()` transaction; returns the new head
+        sequence, which the caller passes to `anchor` once the transaction committed."""
         try:
             if self._audit_key is None:
                 with db.read() as s:
                     self._key(s)
             key = self._audit_key
             assert key is not None
-            with db.raw_write() as cur:
-                # The row lock serializes replicas on PostgreSQL (SQLite: BEGIN IMMEDIATE).
-                cur.execute(db.sql(_HEAD_SQL) + ("" if db.is_sqlite else " FOR UPDATE"))
-                found = cur.fetchone()
-                head = _Head(*found) if found is not None else None
-                rows, seq, prev, head_mac = self._chain(key, head, events)
-                cur.executemany(db.sql(_INSERT_SQL), [tuple(r[c] for c in _EVENT_COLUMNS)
-                                                      for r in rows])
-                if head is None:
-                    cur.execute(db.sql("INSERT INTO audit_head (id, seq, hash, mac) "
-                                       "VALUES (1, ?, ?, ?)"), (seq, prev, head_mac))
-                else:
-                    cur.execute(db.sql("UPDATE audit_head SET seq = ?, hash = ?, mac = ? "
-                                       "WHERE id = 1"), (seq, prev, head_mac))
+            # The row lock serializes replicas on PostgreSQL (SQLite: BEGIN IMMEDIATE).
+            cur.execute(db.sql(_HEAD_SQL) + ("" if db.is_sqlite else " FOR UPDATE"))
+            found = cur.fetchone()
+            head = _Head(*found) if found is not None else None
+            rows, seq, prev, head_mac = self._chain(key, head, events)
+            cur.executemany(db.sql(_INSERT_SQL), [tuple(r[c] for c in _EVENT_COLUMNS)
+                                                  for r in rows])
+            if head is None:
+                cur.execute(db.sql("INSERT INTO audit_head (id, seq, hash, mac) "
+                                   "VALUES (1, ?, ?, ?)"), (seq, prev, head_mac))
+            else:
+                cur.execute(db.sql("UPDATE audit_head SET seq = ?, hash = ?, mac = ? "
+                                   "WHERE id = 1"), (seq, prev, head_mac))
+            return seq
         except (HsmError, KeyIntegrityError) as exc:
             raise ServiceUnavailable("the audit journal cannot be written") from exc
-        self._anchorer.request(_anchor_label(key), seq)
+
+    def anchor(self, seq: int) -> None:
+        """Have `seq` (committed) anchored in the token, soon (`_Anchorer`)."""
+        assert self._audit_key is not None
+        self._anchorer.request(_anchor_label(self._audit_key), seq)
 
     def _chain(self, key: bytes, head: Any, events: list[PendingEvent]
                ) -> tuple[list[dict[str, Any]], int, str, str]:

@@ -12,6 +12,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import create_engine, event
@@ -20,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from hsm import inline
+from kms.clock import require_aware
 from kms.errors import ServiceUnavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -149,6 +151,9 @@ class Database:
                 cur.execute("COMMIT")
             else:
                 conn.commit()
+        except self._integrity_errors:
+            _abort(conn)
+            raise  # a constraint: the caller says which (e.g. "volume exists")
         except self._dbapi_errors as exc:
             _abort(conn)
             raise ServiceUnavailable("the database is unavailable") from exc
@@ -157,6 +162,22 @@ class Database:
             raise
         finally:
             conn.close()
+
+    @property
+    def integrity_error(self) -> type[BaseException]:
+        """The DB-API's IntegrityError (raised through `raw_write`)."""
+        err: type[BaseException] = self.engine.dialect.loaded_dbapi.IntegrityError
+        return err
+
+    @property
+    def _integrity_errors(self) -> tuple[type[BaseException], ...]:
+        return (self.integrity_error,)
+
+    def bind_time(self, value: datetime) -> Any:
+        """An aware datetime as `models.UTCDateTime` stores it, for plain DB-API writes."""
+        utc = require_aware(value)
+        return utc.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f") if self.is_sqlite \
+            else utc
 
     @property
     def _dbapi_errors(self) -> tuple[type[BaseException], ...]:

@@ -63,6 +63,10 @@ class Keyring:
         session.flush()
         return kek
 
+    @property
+    def kek_cap(self) -> int:
+        return self._kek_cap
+
     def current_kek(self, session: Session, tenant_id: str) -> Kek:
         """The KEK that wraps new keys. At its usage cap a new generation takes over; the
         old one is left `retiring` for the next KEK rotation to rewrap and destroy."""
@@ -95,9 +99,14 @@ class Keyring:
         """Wrap under `kek` (which must be attached to the caller's write transaction:
         its encryption counter moves with the new blob)."""
         kek.encryptions = Kek.encryptions + 1  # an atomic UPDATE, safe across replicas
+        return self.wrap_with(kek.cka_id, place, key)
+
+    def wrap_with(self, kek_cka_id: str, place: KeyPlace, key: bytes) -> bytes:
+        """`wrap` with the KEK's CKA_ID (hex); the caller counts the use of the KEK."""
         iv = os.urandom(GCM_IV_BYTES)
         try:
-            sealed = self._hsm.gcm_encrypt(bytes.fromhex(kek.cka_id), key, iv=iv, aad=place.aad())
+            sealed = self._hsm.gcm_encrypt(bytes.fromhex(kek_cka_id), key, iv=iv,
+                                           aad=place.aad())
         except HsmUnavailable as exc:
             raise ServiceUnavailable("the security token is unavailable") from exc
         except HsmKeyNotFound as exc:

@@ -67,8 +67,12 @@ def require_usable_status(status: str) -> None:
 
 
 def require_can_create(tenant: _HasStatus) -> None:
-    require_usable(tenant)
-    if tenant.status == NOTICE:
+    require_can_create_status(tenant.status)
+
+
+def require_can_create_status(status: str) -> None:
+    require_usable_status(status)
+    if status == NOTICE:
         raise TenantInNotice("tenant is under end-of-contract notice")
 
 

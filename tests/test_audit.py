@@ -179,6 +179,12 @@ class FaultyDatabase:
             s.flush()
             raise CrashBeforeCommit()
 
+    @contextmanager
+    def raw_write(self) -> Iterator[Any]:  # the DB-API path (volume creation, journal)
+        with self._real.raw_write() as cur:
+            yield cur
+            raise CrashBeforeCommit()
+
 
 def test_a_crash_before_commit_leaves_neither_change_nor_event(fresh) -> None:  # type: ignore[no-untyped-def]
     k, clock = fresh
