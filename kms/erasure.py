@@ -195,25 +195,26 @@ class ErasureRunner:
         self._drop_cached(tenant_id)
 
     def _destroy_keys(self, tenant_id: str) -> None:
+        """One pass over the token destroys the tenant's KEKs (by CKA_ID, and by label)
+        and every other object under its label prefix (usage counters, orphans). Each
+        token operation costs time in proportion to the whole token (SoftHSM's file
+        store), so this is one pass, not one search per object."""
         with self._db.read() as s:
-            keks = [(k.generation, k.cka_id) for k in
-                    s.scalars(select(Kek).where(Kek.tenant_id == tenant_id))]
-        for generation, cka_hex in keks:
-            self._hsm.destroy(bytes.fromhex(cka_hex))
-            with self._db.write() as s:
-                kek = s.scalars(select(Kek).where(Kek.tenant_id == tenant_id,
-                                                  Kek.generation == generation)).one()
+            keks = [k.cka_id for k in s.scalars(select(Kek).where(Kek.tenant_id == tenant_id))]
+        destroyed = self._hsm.destroy_objects(tenant_label_prefix(tenant_id),
+                                              [bytes.fromhex(c) for c in keks])
+        with self._db.write() as s:
+            for kek in s.scalars(select(Kek).where(Kek.tenant_id == tenant_id)):
                 if kek.state != "destroyed":
                     kek.state, kek.destroyed_at = "destroyed", self._clock.now()
-                _record_ids(s.get(Erasure, tenant_id), [cka_hex])
-        orphans = self._hsm.destroy_by_label_prefix(tenant_label_prefix(tenant_id))
-        with self._db.write() as s:
             _record_ids(s.get(Erasure, tenant_id),
                         [o.cka_id.hex() if o.cka_id else f"{o.object_class}:{o.label}"
-                         for o in orphans])
+                         for o in destroyed] + keks)
             self._advance(s, tenant_id, "destroy_keys")
 
     def _verify_absent(self, tenant_id: str) -> None:
+        """A fresh search of the whole token (new session): nothing under the tenant's
+        label prefix, and none of the CKA_IDs ever recorded for it."""
         prefix = tenant_label_prefix(tenant_id)
         with self._db.read() as s:
             job = s.get(Erasure, tenant_id)
@@ -221,8 +222,7 @@ class ErasureRunner:
             ids = json.loads(job.destroyed_ids)
             known = [k.cka_id for k in s.scalars(select(Kek).where(Kek.tenant_id == tenant_id))]
         searched = sorted({i for i in ids if ":" not in i} | set(known))
-        found = [o for cka in searched for o in self._hsm.find_objects(cka_id=bytes.fromhex(cka))]
-        found += self._hsm.find_objects(label_prefix=prefix)
+        found = self._hsm.find_remaining(prefix, [bytes.fromhex(c) for c in searched])
         if found:
             # Something survived a destroy that reported success: destroy again next run.
             with self._db.write() as s:

@@ -51,6 +51,17 @@ class FaultyHsm:
             return []
         return self._real.destroy_by_label_prefix(prefix)
 
+    def destroy_objects(self, prefix: str, cka_ids: Any = ()) -> list[Any]:
+        """The erasure's one-pass destroy, misbehaving like `destroy`."""
+        if self.mode == "refuse":
+            raise HsmDestroyUnconfirmed("the token refused to destroy the object")
+        if self.mode == "lie":
+            return []  # reports success, destroys nothing
+        gone = self._real.destroy_objects(prefix, cka_ids)
+        if self.mode == "crash_after_destroy":
+            raise Crash()
+        return gone
+
 
 def runner(kms, *, hsm=None, after_step=None) -> ErasureRunner:  # type: ignore[no-untyped-def]
     return ErasureRunner(db=kms.db, hsm=hsm or kms.hsm, signer=kms.signer, clock=kms.clock,
