@@ -14,7 +14,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from api.context import RequestContext
-from api.limits import BodySizeLimit
 from api.problems import from_error, language, problem
 from kms.config import Settings
 from kms.errors import KeyIntegrityError, KmsError
@@ -46,8 +45,7 @@ def _base_app(title: str, settings: Settings, kms: Kms, *, openapi: str) -> Fast
     app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None, openapi_url=openapi)
     app.state.kms = kms
     app.state.settings = settings
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, max_bytes=settings.max_request_bytes)
     _install_problem_handlers(app)
 
     @app.get("/healthz", include_in_schema=False)

@@ -27,6 +27,7 @@ from kms.clock import require_aware
 from kms.errors import InvalidRequest
 from kms.secret import SecretBytes
 from kms.service import Kms
+from kms.transit import ItemResult
 
 T = TypeVar("T")
 
@@ -109,9 +110,27 @@ def _b64(value: str | None, field: str) -> bytes:
     if value is None:
         return b""
     try:
-        return base64.b64decode(value, validate=True)
+        # Strict: the alphabet only, correct padding, nothing after it (as
+        # b64decode(validate=True), without its regular-expression pass).
+        return binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest("not standard base64", field=field) from None
+
+
+def _batch_json(results: list[ItemResult]) -> bytes:
+    """`{"batch_results": [{"ciphertext": ..., "key_version": n}, ...]}` written directly:
+    json.dumps of 1,000 ciphertexts took a fifth of a batch, and a ciphertext
+    (`kms:v<n>:<base64>`, kms.aead) needs no escaping; any string that would is encoded
+    by json.dumps all the same."""
+    parts = []
+    for r in results:
+        value = str(r.value)
+        if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+            text = f'"{value}"'
+        else:
+            text = json.dumps(value)
+        parts.append(f'{{"ciphertext":{text},"key_version":{int(r.version or 0)}}}')
+    return ('{"batch_results":[' + ",".join(parts) + "]}").encode()
 
 
 def _b64out(data: bytes) -> str:
@@ -134,8 +153,7 @@ async def encrypt(name: str, body: EncryptBody, request: Request) -> Response:
         items = [(_b64(i.plaintext, f"batch.{n}.plaintext"),
                   _b64(i.context, f"batch.{n}.context")) for n, i in enumerate(body.batch)]
         results = kms.transit.encrypt_batch(caller, name, items)
-        return JSONResponse({"batch_results": [{"ciphertext": r.value, "key_version": r.version}
-                                               for r in results]})
+        return Response(_batch_json(results), media_type="application/json")
 
     return await as_caller(request, op)
 
