@@ -328,7 +328,8 @@ def test_key_lifecycle_state_machine(clocked) -> None:  # type: ignore[no-untype
                 assert not usable
                 return
             assert usable and nv == self.latest
-            assert data not in new.encode() or not data
+            # Short plaintexts occur in any base64 text by chance; a long one must not.
+            assert len(data) < 12 or data not in new.encode()
             self.texts.append((new, data, nv))
 
         @rule(v=st.integers(min_value=1, max_value=8))
