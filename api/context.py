@@ -10,6 +10,7 @@ read in one pass and `send`/`receive` are wrapped once.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -20,6 +21,8 @@ from kms.audit import AuditContext, audit_context
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _WITH_BODY = ("POST", "PUT", "PATCH")
+LARGE_BODY = 256 * 1024
+LARGE_BODIES_AT_ONCE = 2
 
 
 class _TooLarge(HTTPException):
@@ -33,6 +36,7 @@ class RequestContext:
     def __init__(self, app: Any, *, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
+        self._large_gate: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -94,7 +98,22 @@ class RequestContext:
 
         with audit_context(ctx):
             try:
-                await self.app(scope, limited_receive, send_with_id)
+                if declared is not None and int(declared) > LARGE_BODY:
+                    # Large bodies (batches) are read and worked on a few at a time: the
+                    # work is CPU-bound on one core, so more at once only holds more
+                    # megabytes in memory (and the collector busy); the rest wait in
+                    # their sockets' buffers.
+                    async with self._large():
+                        await self.app(scope, limited_receive, send_with_id)
+                else:
+                    await self.app(scope, limited_receive, send_with_id)
             except _TooLarge:
                 if not started:
                     await refuse("payload_too_large")
+
+    def _large(self) -> asyncio.Semaphore:
+        # One per event loop (asyncio primitives belong to the loop that first uses them).
+        loop = asyncio.get_running_loop()
+        if self._large_gate is None or self._large_gate[0] is not loop:
+            self._large_gate = (loop, asyncio.Semaphore(LARGE_BODIES_AT_ONCE))
+        return self._large_gate[1]
