@@ -526,7 +526,7 @@ def main() -> int:
                 specs, [("bare", "gil", None), ("encrypt", "gil", None),
                         ("keyfetch", "gil", None), ("batch", "gil", None),
                         ("encrypt-noaudit", "gil", None),
-                        ("volcreate", "wall", "create_volume (api/tenant_routes.py)")],
+                        ("volcreate", "gil", None)],
                 cfg, run_dir, py_spy)
         else:
             results["notes"].append("profiles: skipped (no py-spy or --skip-profile)")

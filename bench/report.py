@@ -346,9 +346,10 @@ def write_report(res: dict[str, Any], out: Path, run_dir: Path) -> str:
         "The other rows ran once.",
         "- Servers: `kms serve` (uvicorn, h11, asyncio, one process) on CPU 0, wrk on CPU 1. "
         "The bare endpoint (`bench/bare.py`) is a FastAPI app on the very same uvicorn "
-        "configuration (`cli.serve._config`, same JSON access log) with a sync route that "
-        "parses the same pydantic body as encrypt (1 KiB plaintext, base64) and answers a "
-        "constant: no middleware, no database, no token, no crypto.",
+        "configuration (`cli.serve._config`, same JSON access log) with an `async` route, as "
+        "the service's are, that parses the same pydantic body as encrypt (1 KiB plaintext, "
+        "base64) and answers a constant: no middleware, no database, no token, no crypto. "
+        "The same route as a plain `def` (run in the thread pool) is shown beside it.",
         "- Plain HTTP (`--insecure-http`, loopback) for the main rows, TLS measured beside it; "
         "the peer comparison is over TLS on both sides.",
         "- Data-plane audit events are on (the default) unless a row says otherwise.",
