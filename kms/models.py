@@ -252,6 +252,9 @@ class AuditEvent(Base):
     source: Mapped[str] = mapped_column(String(128))
     prev_hash: Mapped[str] = mapped_column(String(64))
     mac: Mapped[str] = mapped_column(String(64))
+    # The journal segment whose MAC key (derived in the token from the audit key) made
+    # `mac`; NULL: `mac` is an HMAC by the audit key itself (events before segments).
+    mac_key: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
 
 class AuditHead(Base):
@@ -263,6 +266,7 @@ class AuditHead(Base):
     seq: Mapped[int] = mapped_column(Integer)
     hash: Mapped[str] = mapped_column(String(64))
     mac: Mapped[str] = mapped_column(String(64))
+    mac_key: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
 
 class AuditCheckpoint(Base):

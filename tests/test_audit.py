@@ -61,14 +61,15 @@ def test_history_verifies_and_names_actions(fresh) -> None:  # type: ignore[no-u
     e = events(k)[-1]
     assert e["ts"].endswith("+00:00") and len(e["ts"].split(".")[1]) == len("000000+00:00")
     assert set(e) == {"seq", "ts", "actor", "tenant", "action", "object", "outcome",
-                      "request_id", "source", "prev_hash", "mac"}
+                      "request_id", "source", "prev_hash", "mac", "mac_key"}
 
 
 @pytest.mark.parametrize("column,value", [
     ("ts", "2020-01-01T00:00:00.000000+00:00"), ("actor", "principal:p-evil"),
     ("tenant_id", "t-other"), ("action", "key.create"), ("object", "volume:forged"),
     ("outcome", "failure"), ("request_id", "r-forged"), ("source", "10.0.0.1"),
-    ("prev_hash", "f" * 64), ("mac", "0" * 64),
+    ("prev_hash", "f" * 64), ("mac", "0" * 64), ("mac_key", "s-" + "0" * 32),
+    ("mac_key", None),
 ])
 def test_editing_any_field_is_detected_at_its_sequence(fresh, column, value) -> None:  # type: ignore[no-untyped-def]
     k, _ = fresh
@@ -96,7 +97,7 @@ def test_reordering_events_is_detected(fresh) -> None:  # type: ignore[no-untype
     with k.db.write() as s:  # swap the contents of 5 and 6, keeping their sequence numbers
         rows = {r.seq: r for r in s.scalars(select(AuditEvent).where(AuditEvent.seq.in_([5, 6])))}
         cols = ("ts", "actor", "tenant_id", "action", "object", "outcome", "request_id",
-                "source", "prev_hash", "mac")
+                "source", "prev_hash", "mac", "mac_key")
         a, b = ({c: getattr(rows[n], c) for c in cols} for n in (5, 6))
         for c in cols:
             setattr(rows[5], c, b[c])
@@ -358,3 +359,81 @@ def test_every_commit_is_anchored_in_the_token_off_the_request_path(fresh) -> No
         assert head is not None
         key = k.audit._key(s)
     assert k.hsm.read_counter(_anchor_label(key)) == head.seq
+
+
+def test_events_are_maced_under_a_segment_key_derived_in_the_token(fresh) -> None:  # type: ignore[no-untyped-def]
+    """Every event and the head name one segment; its key is the token's HMAC of the
+    segment id, and the MACs are HMAC-SHA256 under that key."""
+    import hashlib
+    import hmac as hmac_mod
+
+    from kms.audit import _SEGMENT_INFO, _body, canonical
+    from kms.models import AuditHead
+
+    k, _ = fresh
+    make_history(k)
+    with k.db.read() as s:
+        rows = list(s.scalars(select(AuditEvent).order_by(AuditEvent.seq)))
+        head = s.get(AuditHead, 1)
+        key = k.audit._key(s)
+    segments = {r.mac_key for r in rows}
+    assert len(segments) == 1 and head is not None and head.mac_key in segments
+    [segment] = segments
+    assert segment.startswith("s-") and len(segment) == 34
+    derived = k.hsm.hmac_sha256(key, _SEGMENT_INFO + segment.encode())
+    for r in rows:
+        assert r.mac == hmac_mod.new(derived, canonical(_body(r)), hashlib.sha256).hexdigest()
+    assert derived.hex() not in repr(k.audit._segment) and "hidden" in repr(k.audit._segment)
+    with pytest.raises(TypeError):
+        import pickle
+
+        pickle.dumps(k.audit._segment)
+
+
+def test_a_new_segment_starts_after_its_time_and_the_chain_verifies_across(fresh) -> None:  # type: ignore[no-untyped-def]
+    from kms.audit import SEGMENT_SECONDS
+
+    k, clock = fresh
+    tid = make_history(k)
+    clock.advance(timedelta(seconds=SEGMENT_SECONDS + 1))
+    k.lifecycle.suspend(tid)
+    k.lifecycle.resume(tid)
+    with k.db.read() as s:
+        segments = [r.mac_key for r in s.scalars(select(AuditEvent).order_by(AuditEvent.seq))]
+    assert len(set(segments)) == 2 and segments[-1] != segments[0]
+    assert k.audit_verify().ok
+    k.audit.forget_segment()  # e.g. a restart: a third segment
+    k.lifecycle.suspend(tid)
+    with k.db.read() as s:
+        assert len({r.mac_key for r in s.scalars(select(AuditEvent))}) == 3
+    assert k.audit_verify().ok
+
+
+def test_events_from_before_segments_still_verify(fresh) -> None:  # type: ignore[no-untyped-def]
+    """Rows without mac_key (schema before segments) carry an HMAC by the audit key."""
+    from kms.audit import _body, canonical
+    from kms.models import AuditHead
+
+    k, _ = fresh
+    tid = make_history(k)
+    with k.db.write() as s:
+        key = k.audit._key(s)
+        # Rechain every event as a writer before segments did (token HMAC, no mac_key).
+        prev = "0" * 64
+        import hashlib
+
+        for r in s.scalars(select(AuditEvent).order_by(AuditEvent.seq)):
+            r.prev_hash, r.mac_key = prev, None
+            raw = canonical(_body(r))
+            r.mac = k.hsm.hmac_sha256(key, raw).hex()
+            prev = hashlib.sha256(raw + r.mac.encode()).hexdigest()
+        head = s.get(AuditHead, 1)
+        head.hash, head.mac_key = prev, None
+        head.mac = k.hsm.hmac_sha256(key, f"head|{head.seq}|{prev}".encode()).hex()
+    assert k.audit_verify().ok
+    k.lifecycle.suspend(tid)  # new events, in a segment, after the old ones
+    assert k.audit_verify().ok
+    with k.db.write() as s:
+        s.execute(text("UPDATE audit_events SET object = 'forged' WHERE seq = 3"))
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == 3
