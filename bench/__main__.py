@@ -6,7 +6,8 @@ peer, side by side in one run, and write BENCHMARKS.md.
 
 Phases (each bounded in time and count; all traffic to 127.0.0.1):
   1. ceilings in process: AES-GCM 1 KiB (`cryptography`), SoftHSM AES-GCM through the
-     project's `hsm.Pkcs11Hsm` (serialized), HMAC in the token, an fsync'd SQLite commit;
+     project's `hsm.Pkcs11Hsm` (serialized), HMAC in the token and in process (the
+     journal's segment key), an fsync'd SQLite commit with its CPU time;
   2. HTTP, interleaved rounds: the bare endpoint (bench/bare.py) and the service (`kms
      serve`, one process, pinned to CPU 0; wrk pinned to CPU 1) at concurrency 1/16/64,
      with and without data-plane audit events, plain HTTP and TLS;

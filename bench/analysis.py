@@ -85,47 +85,38 @@ def _summary(x: _Ctx, table: Any) -> str:
                          "search, section 7)." if one >= 2000 else "."))
     return (f"**{len(met)} targets met, {len(missed)} missed.** Erasure meets its targets and "
             f"is flat in the amount of data protected.{token_note} Against PyKMIP the service "
-            "is ahead on the data plane (get, encrypt) by a wide margin, journal on. The HTTP "
-            "data plane reaches the ratios asked of it only in part: at concurrency 1 every "
-            "request waits for its own fsync'd journal commit (by design: no key leaves "
-            "before its event is durable), and at 16 and 64 the remaining cost is the "
-            "journal writer's per-event work and the service's own per-request Python "
-            "(section 1). This run follows the changes listed in section 0.")
+            "is ahead on every shared operation, journal on. The HTTP data plane reaches "
+            "the ratios asked of it only in part: at concurrency 1 every request waits for "
+            "its own fsync'd journal commit (by design: no key leaves before its event is "
+            "durable), and at 16 and 64 what remains is the CPU of the journal's fsync'd "
+            "commits on the server's core and the service's own per-request Python "
+            "(section 1). The journal's MACs are now computed in process under a segment "
+            "key derived in the token (section 0).")
 
 
 def _changes(x: _Ctx) -> str:
-    return """### 0. What changed since the previous run (18:54 the same day)
+    return """### 0. What changed since the previous run (20:23 on 2026-12-03)
 
-The previous BENCHMARKS.md measured encrypt at 227 / 341 / 359 req/s (c=1/16/64), key
-fetch at 232 / 390 / 373, batch at 42,936 items/s, behind PyKMIP on every operation with
-the journal on, and its profiles named the causes. What was done, in that order:
+The previous BENCHMARKS.md measured encrypt at 671 / 1,839 / 2,279 req/s (c=1/16/64;
+20% / 50% / 61% of bare), key fetch at 671 / 1,801 / 2,179 (20% / 49% / 58%), and with
+data-plane events off encrypt at 1,885 / 2,021 / 2,254: the journal cost 9% of
+throughput at c=16, and its profile put the writer thread (`AuditBatcher._run`) at 8% of
+the GIL samples, most of it waiting on the token for an HMAC per event and per batch
+(18 µs each in the ceilings when alone, about 34 µs measured under load, as the token is
+serialized behind one lock shared with the request path's unwraps).
 
-- **No SQLAlchemy on the hot path.** Authentication, the key/version lookup and the
-  volume key fetch are one plain DB-API query each (`kms/db.py:Database.fetchone`, a
-  per-thread SQLite connection); the journal's group commit writes a batch with four
-  statements (`kms/audit.py:AuditJournal.append_cursor`); volume creation runs in one
-  DB-API transaction (`kms/volumes.py:VolumeService._create_direct`). Measured in
-  process: SQLAlchemy's Core cost 60-180 µs a statement and its ORM 160-310 µs here,
-  SQLite itself 2-5 µs; authenticate went from 340 to 13 µs, encrypt from 565 to 26 µs.
-- **No thread hop.** Tenant routes are `async`; the service call runs inline on the
-  event loop (`api/run.py`). Anything that could wait there — a write, a PostgreSQL read,
-  the token lock held by another thread, a token session to open — raises `WouldBlock`
-  before it has changed anything (`hsm/inline.py`) and the call is redone in the thread
-  pool. Journal events submitted inline are awaited before the answer is sent.
-- **The bare ceiling is now the async route** (as the service's routes are); the `def`
-  route it used to be is shown beside it for comparison.
-- **Group commit that grows with load.** The journal writer is woken once per event-loop
-  round (a `call_soon` callback), not once per event, and wakes the loop once per batch.
-- **Nothing waits on the token on the request path.** The next block of encryption
-  counts is reserved in the background when the current one runs low (it used to stall
-  every request for a token write every 4,096 encryptions: p99 of 0.2-0.6 s); the
-  journal's anchor in the token is written by a background thread at most every 0.2 s
-  (verify and process exit flush it) instead of after every state change.
-- **Smaller things**: routes take the `Request` instead of FastAPI dependencies and the
-  data plane is matched first; one ASGI middleware instead of two; `gc.freeze()` after
-  start-up; SQLite writers queue on a lock instead of SQLite's busy handler; batch answers
-  written without `json.dumps`; erasure makes two passes over the token instead of five;
-  counters are raised without a token search."""
+- **Journal MACs in process, under a key derived in the token.** Each event's HMAC-SHA256
+  is now computed in process under the key of its journal *segment*; the token derives
+  that key once per segment (HMAC by the token's audit key of the segment id, which is
+  stored beside every event in the new column `mac_key`). A segment ends after an hour,
+  after 1,000,000 events, and in every new process, so a key held in memory covers a
+  bounded stretch of the journal. `kms audit verify` derives each segment's key again in
+  the token; events written before the change (no segment id) verify by the token's HMAC
+  as before. No token call is left on the journal's path, except one per segment.
+- The ceilings now show the in-process HMAC beside the token's, and the CPU time that one
+  fsync'd SQLite commit costs the thread that makes it.
+- Nothing else in the service changed; the bench gained `bench/quick.py` and
+  `bench/asgi.py`, probes used while working (not part of `make bench`)."""
 
 
 def _data_plane(x: _Ctx) -> str:
@@ -143,8 +134,13 @@ def _data_plane(x: _Ctx) -> str:
     cpu_b, cpu_e = x.cpu_ms("bare", c), x.cpu_ms("encrypt", c)
     cpu_off = x.cpu_ms("encrypt-noaudit", c)
     budget = (cpu_b or 0) * (1 / 0.7 - 1)
-    hmac = (x.res.get("ceilings") or {}).get("hsm_hmac_sha256")
+    ceil = x.res.get("ceilings") or {}
+    hmac = ceil.get("hsm_hmac_sha256")
     hmac_us = _r(1e6 / hmac["rate"], 0) if hmac else "?"
+    seg = ceil.get("hmac_sha256_segment")
+    seg_us = _r(1e6 / seg["rate"], 1) if seg else "?"
+    commit = ceil.get("sqlite_commit_fsync") or {}
+    commit_cpu = _r(commit.get("cpu_us"), 0)
     r16, k16 = x.ratio("encrypt", "bare", c), x.ratio("keyfetch", "bare", c)
     off16, koff16 = x.ratio("encrypt-noaudit", "bare", c), x.ratio("keyfetch-noaudit", "bare", c)
     r64 = x.ratio("encrypt", "bare", 64)
@@ -170,14 +166,20 @@ answer {_r(run_share, 0)}%, the two SQLite reads `Database.fetchone` {_r(fetch_s
 SQLAlchemy {_r(sql, 0)}%, the journal writer thread `AuditBatcher._run` {_r(writer, 0)}% of GIL
 samples. What remains, and what it would take:
 
-- **The journal, per event.** Each event is canonical JSON, an HMAC in the token
-  ({hmac_us} µs, see the ceilings) and a row; each batch one more HMAC (the head), four
-  statements and an fsync'd commit. At c=16 the loop finishes a round with a handful of
-  requests, so batches are small and the per-batch cost weighs; at c=64 they are larger
-  and the journal costs less per request. A cheaper MAC per event (one token operation per
-  batch deriving a key for in-process HMACs of a window of sequence numbers) would remove
-  most of the token calls; it changes the journal's format and verification, so it is not
-  done here.
+- **The journal's commit.** Each event is canonical JSON, an HMAC in process under its
+  segment's key ({seg_us} µs; it was an HMAC in the token, {hmac_us} µs, see the ceilings)
+  and a row; each batch is four statements and one fsync'd commit. The commit is what is
+  left: it costs the thread that makes it {commit_cpu} µs of CPU (mostly the kernel's
+  share of the fsync on this VM's virtio disk; see the SQLite ceiling), and that CPU is
+  taken from the one core the server is pinned to. Batches stay small because the event
+  loop ends a round with only a few requests: counted with an instrumented writer while
+  building the bench, 1.0 event per commit at c=1, about 2.5 at c=16 and 5-8 at c=64,
+  which is why the journal costs more at 16 than at 64. A longer wait to fill batches
+  (a 1-3 ms window was tried) lowered throughput: the requests then wait for the window
+  while the core sits idle. Left: fewer, larger commits would need more requests in
+  flight per loop round than c=16 gives, or a durable commit that costs less CPU
+  (PostgreSQL's group commit on its own core, an NVMe flush); `synchronous=NORMAL` is
+  not offered (below).
 - **The service's own per-request Python** — one middleware, the inline call, two SQLite
   reads, AES-GCM, base64, the JSON answer, the journal's wake-ups — is now of the same
   order as what the bare route costs the stack. Going further means leaving FastAPI's
@@ -370,13 +372,24 @@ What grows is the size of the *token*: erasing a one-key tenant in a token holdi
 exactly two passes over the token — one that destroys (the tenant's KEKs by CKA_ID and
 everything under its label prefix, label and ID read in one call per object:
 `hsm/adapter.py:Pkcs11Hsm.destroy_objects`) and one fresh confirming search in a new
-session (`find_remaining`); it made five before. What is left is SoftHSM's file store:
-it answers any search by walking all its objects (about {_r(per_object, 0)} µs an object per
-pass here), and PKCS#11 has no prefix search. cProfile of a second such erasure
+session (`find_remaining`); both are required (DESIGN: destroy by recorded CKA_IDs and
+by label prefix, to catch orphans; erasure is not reported done before a fresh search finds
+nothing). PKCS#11 has no prefix search, so each pass reads the label of every object in
+the token: about {_r(per_object, 0)} µs an object per pass here. Where that goes (strace and
+timings on a token of 10,000 keys, made while building the bench): python-pkcs11 reads
+two attributes of every object a search returns (`make_object`), and the pass reads label
+and CKA_ID in one more call; SoftHSM's file store answers each C_GetAttributeValue by
+opening, locking and reading the token's `generation` file and the object's own file
+(14 system calls). A search by exact template, which reads no attribute, costs about
+20 µs an object; reading the objects' attributes is the rest. cProfile of a second such erasure
 ({_r(total)} ms under the profiler), token functions by cumulative time: {top or 'n/a'}.
-Ways out, none taken here: a hardware or network HSM (indexed object stores), SoftHSM
-built with its SQLite object store (Debian's package is not), or several tokens each
-holding a bounded number of tenants."""
+Ways out, none taken here: a hardware or network HSM (indexed object stores, attributes
+read from memory), SoftHSM built with its SQLite object store (Debian's package is not),
+several tokens each holding a bounded number of tenants, or a PKCS#11 binding that reads
+only the label (python-pkcs11 offers no search that skips `make_object`; a hand-written
+binding is what STYLE.md tells us not to write). Out of reach with this stack on one
+SoftHSM file token, then. The target itself (a tenant with
+{_r(biggest.get('volumes'))} volume keys, under 2 s) is {big_verdict}."""
 
 
 def _token_scaling(x: _Ctx) -> str:

@@ -94,7 +94,7 @@ def main() -> None:
     kms = build_kms(settings)
     kms.self_test()
     tenant = kms.tenants.create(f"asgi-{os.getpid()}")
-    tid = tenant.id if hasattr(tenant, "id") else tenant["id"]
+    tid = tenant.id
     tokens = {role: kms.principals.create(tenant_id=tid, role=role, name=f"asgi-{role}").token
               for role in ("tenant-admin", "app", "hypervisor")}
     app = create_app(settings, kms)

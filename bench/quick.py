@@ -58,14 +58,14 @@ def main() -> None:
                                 scripts_dir=run_dir / "lua", server_pids=[pid],
                                 tag=f"{op}-{c}")
                     out.setdefault(op, {}).setdefault(c, []).append(r.rate * targets[op].unit)
-        table = {op: {c: round(statistics.median(v)) for c, v in by_c.items()}
-                 for op, by_c in out.items()}
-        if "bare" in table:
-            for op, by_c in table.items():
-                if op != "bare":
-                    table[op] = {c: f"{v} ({v / table['bare'][c]:.0%})"
-                                 for c, v in by_c.items()}
-        print(json.dumps(table, indent=1))
+        medians = {op: {c: round(statistics.median(v)) for c, v in by_c.items()}
+                   for op, by_c in out.items()}
+        shown: dict[str, dict[int, str]] = {}
+        for op, by_c in medians.items():
+            base = medians.get("bare")
+            shown[op] = {c: (f"{v} ({v / base[c]:.0%})" if base and op != "bare" else str(v))
+                         for c, v in by_c.items()}
+        print(json.dumps(shown, indent=1))
     finally:
         procs.stop_all()
 
@@ -90,18 +90,18 @@ def _profile(op: str, targets: dict[str, wrk.Target], proc: Any, run_dir: Path) 
     incl: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
+        stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        total += int(n)
-        leaf[frames[-1]] += int(n)
+        total += int(count)
+        leaf[frames[-1]] += int(count)
         for f in set(frames):
-            incl[f] += int(n)
+            incl[f] += int(count)
     print(f"{total} samples; leaf:")
-    for f, n in leaf.most_common(30):
-        print(f"  {n / total:6.1%} {f}")
+    for f, k in leaf.most_common(30):
+        print(f"  {k / total:6.1%} {f}")
     print("inclusive:")
-    for f, n in incl.most_common(60):
-        print(f"  {n / total:6.1%} {f}")
+    for f, k in incl.most_common(60):
+        print(f"  {k / total:6.1%} {f}")
 
 
 if __name__ == "__main__":
