@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--env", action="append", default=[])
-    parser.add_argument("--profile", help="py-spy the server under OP at c=16 (raw file)")
+    parser.add_argument("--profile", help="py-spy the server under OP (raw file)")
+    parser.add_argument("--profile-conc", type=int, default=16)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="kms-quick-"))
     run_dir = root / "run"
@@ -47,7 +48,8 @@ def main() -> None:
             wrk.run([(targets[op], 16)], seconds=1.0, scripts_dir=run_dir / "lua",
                     server_pids=[], tag=f"warm-{op}")
         if args.profile:
-            _profile(args.profile, targets, bare if args.profile == "bare" else kms, run_dir)
+            _profile(args.profile, targets, bare if args.profile == "bare" else kms, run_dir,
+                     args.profile_conc)
             return
         out: dict[str, dict[int, list[float]]] = {}
         for _ in range(args.reps):
@@ -70,7 +72,8 @@ def main() -> None:
         procs.stop_all()
 
 
-def _profile(op: str, targets: dict[str, wrk.Target], proc: Any, run_dir: Path) -> None:
+def _profile(op: str, targets: dict[str, wrk.Target], proc: Any, run_dir: Path,
+             conc: int = 16) -> None:
     import shutil
     import subprocess
     import sys
@@ -78,7 +81,7 @@ def _profile(op: str, targets: dict[str, wrk.Target], proc: Any, run_dir: Path) 
     from collections import Counter
 
     raw = run_dir / f"profile-{op}.txt"
-    th = threading.Thread(target=lambda: wrk.run([(targets[op], 16)], seconds=8,
+    th = threading.Thread(target=lambda: wrk.run([(targets[op], conc)], seconds=8,
                                                  scripts_dir=run_dir / "lua",
                                                  server_pids=[], tag=f"prof-{op}"))
     th.start()

@@ -3,18 +3,22 @@
 Each event's body is canonical JSON of {seq, ts, actor, tenant, action, object, outcome,
 request_id, source, prev_hash}; `prev_hash` = SHA-256(previous body || previous mac),
 `mac` = HMAC-SHA256 of the body under the key of the event's journal segment. A head row
-(seq and hash of the last event, itself MAC'd) is updated in the same transaction, so
-that truncating the tail is detected too; a checkpoint row anchors the chain after a
-purge (HMAC'd by the audit key itself).
+(seq and hash of the last event) is updated in the same transaction, so that truncating
+the tail is detected too; it is HMAC'd by the token's audit key itself, on every commit:
+a leaked segment key cannot forge a head, and every journaled operation, data plane
+included, needs the token to be there (an unplugged token answers 503, as the rest of
+the service does). A checkpoint row anchors the chain after a purge (HMAC'd by the
+audit key itself, too).
 
 Segments: a writer derives its MAC key in the token, as HMAC-SHA256(audit key,
 "kms/audit-segment/v1|" + segment id), for a fresh random segment id, and uses it for at
 most SEGMENT_EVENTS events or SEGMENT_SECONDS; each row names its segment (`mac_key`).
 The derived key never leaves the process's memory and is never stored: only the token
 can derive it again (`verify` does, once a segment). An HMAC in the token costs a
-SoftHSM round trip per event (18-34 us, more than the rest of an event); in process it
-costs 2 us. Rows without `mac_key` (written before segments) carry an HMAC by the audit
-key itself and verify as such.
+SoftHSM round trip (18-34 us, more than the rest of an event); in process it costs 2 us:
+one token HMAC per commit (the head) instead of one per event and one per commit.
+Rows without `mac_key` (written before segments) carry an HMAC by the audit key itself
+and verify as such.
 
 State changes record their event inside their own transaction (`record`): no change
 without its event, no event without its change. Data-plane events (key fetch, encrypt,
@@ -277,13 +281,11 @@ class AuditJournal:
             rows, seq, prev, head_mac = self._chain(key, head, events)
             # Core statements: one executemany for the batch, no ORM unit of work.
             s.execute(insert(AuditEvent), rows)
-            mac_key = rows[-1]["mac_key"]
             if head is None:
-                s.execute(insert(AuditHead).values(id=1, seq=seq, hash=prev, mac=head_mac,
-                                                   mac_key=mac_key))
+                s.execute(insert(AuditHead).values(id=1, seq=seq, hash=prev, mac=head_mac))
             else:
                 s.execute(update(AuditHead).where(AuditHead.id == 1)
-                          .values(seq=seq, hash=prev, mac=head_mac, mac_key=mac_key))
+                          .values(seq=seq, hash=prev, mac=head_mac))
             label = _anchor_label(key)
             event.listen(s, "after_commit",
                          lambda _s: self._anchorer.request(label, seq), once=True)
@@ -313,13 +315,12 @@ class AuditJournal:
             rows, seq, prev, head_mac = self._chain(key, head, events)
             cur.executemany(db.sql(_INSERT_SQL), [tuple(r[c] for c in _EVENT_COLUMNS)
                                                   for r in rows])
-            mac_key = rows[-1]["mac_key"]
             if head is None:
-                cur.execute(db.sql("INSERT INTO audit_head (id, seq, hash, mac, mac_key) "
-                                   "VALUES (1, ?, ?, ?, ?)"), (seq, prev, head_mac, mac_key))
+                cur.execute(db.sql("INSERT INTO audit_head (id, seq, hash, mac) "
+                                   "VALUES (1, ?, ?, ?)"), (seq, prev, head_mac))
             else:
-                cur.execute(db.sql("UPDATE audit_head SET seq = ?, hash = ?, mac = ?, "
-                                   "mac_key = ? WHERE id = 1"), (seq, prev, head_mac, mac_key))
+                cur.execute(db.sql("UPDATE audit_head SET seq = ?, hash = ?, mac = ? "
+                                   "WHERE id = 1"), (seq, prev, head_mac))
             return seq
         except (HsmError, KeyIntegrityError) as exc:
             raise ServiceUnavailable("the audit journal cannot be written") from exc
@@ -332,7 +333,7 @@ class AuditJournal:
     def _chain(self, key: bytes, head: Any, events: list[PendingEvent]
                ) -> tuple[list[dict[str, Any]], int, str, str]:
         """The rows of `events` chained after `head`; returns them with the new head's
-        seq, hash and mac."""
+        seq, hash and mac (by the token)."""
         seq, prev = (head.seq, head.hash) if head is not None else (0, GENESIS)
         segment = self._writing_segment(key, len(events))
         rows = []
@@ -348,7 +349,7 @@ class AuditJournal:
             row["tenant_id"] = row.pop("tenant")
             rows.append(row)
             prev = _link(raw, mac)
-        head_mac = segment.mac(f"head|{seq}|{prev}".encode())
+        head_mac = self._hsm.hmac_sha256(key, f"head|{seq}|{prev}".encode()).hex()
         return rows, seq, prev, head_mac
 
     def _writing_segment(self, key: bytes, n: int) -> _Segment:
@@ -415,8 +416,7 @@ class AuditJournal:
         if head.seq < anchor:
             return VerifyResult(False, count, head.seq + 1,
                                 "journal truncated (behind the token's anchor)")
-        if not self._mac_ok(key, f"head|{head.seq}|{head.hash}", head.mac, head.mac_key,
-                            segments):
+        if not self._mac_ok(key, f"head|{head.seq}|{head.hash}", head.mac):
             return VerifyResult(False, count, head.seq, "head altered")
         if head.seq != last or head.hash != prev:
             return VerifyResult(False, count, min(head.seq, last) + 1, "journal truncated")

@@ -258,7 +258,8 @@ class AuditEvent(Base):
 
 
 class AuditHead(Base):
-    """The last event's sequence and link hash, HMAC'd: detects a truncated tail."""
+    """The last event's sequence and link hash, HMAC'd by the token's audit key on every
+    commit: detects a truncated tail."""
 
     __tablename__ = "audit_head"
 
@@ -266,7 +267,6 @@ class AuditHead(Base):
     seq: Mapped[int] = mapped_column(Integer)
     hash: Mapped[str] = mapped_column(String(64))
     mac: Mapped[str] = mapped_column(String(64))
-    mac_key: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
 
 class AuditCheckpoint(Base):

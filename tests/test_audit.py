@@ -377,12 +377,14 @@ def test_events_are_maced_under_a_segment_key_derived_in_the_token(fresh) -> Non
         head = s.get(AuditHead, 1)
         key = k.audit._key(s)
     segments = {r.mac_key for r in rows}
-    assert len(segments) == 1 and head is not None and head.mac_key in segments
+    assert len(segments) == 1 and head is not None
     [segment] = segments
     assert segment.startswith("s-") and len(segment) == 34
     derived = k.hsm.hmac_sha256(key, _SEGMENT_INFO + segment.encode())
     for r in rows:
         assert r.mac == hmac_mod.new(derived, canonical(_body(r)), hashlib.sha256).hexdigest()
+    # The head is the token's own HMAC, on every commit.
+    assert head.mac == k.hsm.hmac_sha256(key, f"head|{head.seq}|{head.hash}".encode()).hex()
     assert derived.hex() not in repr(k.audit._segment) and "hidden" in repr(k.audit._segment)
     with pytest.raises(TypeError):
         import pickle
@@ -428,7 +430,7 @@ def test_events_from_before_segments_still_verify(fresh) -> None:  # type: ignor
             r.mac = k.hsm.hmac_sha256(key, raw).hex()
             prev = hashlib.sha256(raw + r.mac.encode()).hexdigest()
         head = s.get(AuditHead, 1)
-        head.hash, head.mac_key = prev, None
+        head.hash = prev
         head.mac = k.hsm.hmac_sha256(key, f"head|{head.seq}|{prev}".encode()).hex()
     assert k.audit_verify().ok
     k.lifecycle.suspend(tid)  # new events, in a segment, after the old ones
@@ -437,3 +439,33 @@ def test_events_from_before_segments_still_verify(fresh) -> None:  # type: ignor
         s.execute(text("UPDATE audit_events SET object = 'forged' WHERE seq = 3"))
     result = k.audit_verify()
     assert not result.ok and result.first_bad_seq == 3
+
+
+def test_a_segment_key_cannot_forge_the_head(fresh) -> None:  # type: ignore[no-untyped-def]
+    """Whoever read a segment key out of a process's memory can re-MAC events of that
+    segment, not the head (the token's own HMAC): rewriting the last event and its head
+    is still found."""
+    import hashlib
+    import hmac as hmac_mod
+
+    from kms.audit import _SEGMENT_INFO, _body, _link, canonical
+    from kms.models import AuditHead
+
+    k, _ = fresh
+    make_history(k)
+    with k.db.write() as s:
+        key = k.audit._key(s)
+        last = s.scalars(select(AuditEvent).order_by(AuditEvent.seq.desc())).first()
+        assert last is not None and last.mac_key is not None
+        leaked = k.hsm.hmac_sha256(key, _SEGMENT_INFO + last.mac_key.encode())
+        last.object = "forged"
+        raw = canonical(_body(last))
+        last.mac = hmac_mod.new(leaked, raw, hashlib.sha256).hexdigest()
+        head = s.get(AuditHead, 1)
+        assert head is not None and head.seq == last.seq
+        head.hash = _link(raw, last.mac)
+        head.mac = hmac_mod.new(leaked, f"head|{head.seq}|{head.hash}".encode(),
+                                hashlib.sha256).hexdigest()
+        seq = last.seq
+    result = k.audit_verify()
+    assert not result.ok and result.reason == "head altered" and result.first_bad_seq == seq

@@ -137,9 +137,12 @@ def test_the_api_falls_back_to_a_thread_while_the_token_is_busy(settings, kms) -
         assert r.status_code == 200 and r.json()["key"] == first.json()["key"]
 
 
-def test_the_next_block_of_counts_is_reserved_off_the_request_path(settings, kms) -> None:  # type: ignore[no-untyped-def]
+def test_the_next_block_of_counts_is_reserved_off_the_request_path(  # type: ignore[no-untyped-def]
+        settings, kms, monkeypatch) -> None:
     from cli.wiring import build_kms
     from kms.usage import counter_label
+
+    monkeypatch.setattr("kms.usage.BLOCK_REQUESTS", 1)  # blocks of exactly `_block`
 
     k = build_kms(settings)
     tid, callers, _ = populate(k, "inline prefetch", volumes=0, keys=1)
@@ -161,4 +164,35 @@ def test_the_next_block_of_counts_is_reserved_off_the_request_path(settings, kms
     k.transit._refill(key, 1)
     assert k.hsm.read_counter(counter_label(tid, "key-0", 1)) <= 24
     assert not k.limiter._spares
+    k.db.dispose()
+
+
+def test_blocks_grow_with_the_request_so_batches_stay_on_the_loop(settings, kms) -> None:  # type: ignore[no-untyped-def]
+    """A block lasts many requests of the largest size seen: the next one is asked for
+    while several such requests are still covered, and every batch after the first is
+    served inline (no foreground reservation, no WouldBlock)."""
+    from cli.wiring import build_kms
+    from kms.usage import BLOCK_REQUESTS, counter_label
+
+    k = build_kms(settings)
+    tid, callers, _ = populate(k, "inline batch blocks", volumes=0, keys=1)
+    app = callers["app"]
+    k.limiter._block = 8
+    items = [(b"x", b"")] * 4
+    k.transit.encrypt_batch(app, "key-0", items)  # foreground: reserves a block
+    label = counter_label(tid, "key-0", 1)
+    assert k.hsm.read_counter(label) == BLOCK_REQUESTS * 4  # not the configured 8
+    asked_with_left = None
+    for _ in range(2 * BLOCK_REQUESTS):
+        with inline.inline() as pending:
+            k.transit.encrypt_batch(app, "key-0", items)  # raises WouldBlock if not inline
+        for f in pending:
+            f.result(timeout=10)
+        if k.transit._refiller is not None:
+            if asked_with_left is None:
+                r = next(v for kk, v in k.limiter._ranges.items() if kk[0] == tid)
+                asked_with_left = r[1] - r[0]
+            k.transit._refiller.submit(lambda: None).result(timeout=10)
+    assert asked_with_left is not None and asked_with_left >= 3 * 4
+    assert k.hsm.read_counter(label) >= (2 * BLOCK_REQUESTS + 1) * 4
     k.db.dispose()

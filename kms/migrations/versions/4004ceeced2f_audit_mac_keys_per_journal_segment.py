@@ -1,7 +1,8 @@
 """audit MAC keys per journal segment
 
-Events and the head name the journal segment whose derived key made their MAC; NULL
-for rows written before (their MAC is an HMAC by the token's audit key itself).
+Events name the journal segment whose derived key made their MAC; NULL for rows written
+before (their MAC is an HMAC by the token's audit key itself). The head stays HMAC'd by
+the audit key itself.
 
 Revision ID: 4004ceeced2f
 Revises: 7e336c77bad2
@@ -23,15 +24,9 @@ def upgrade() -> None:
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.add_column(sa.Column('mac_key', sa.String(length=40), nullable=True))
 
-    with op.batch_alter_table('audit_head', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('mac_key', sa.String(length=40), nullable=True))
-
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('audit_head', schema=None) as batch_op:
-        batch_op.drop_column('mac_key')
-
     with op.batch_alter_table('audit_events', schema=None) as batch_op:
         batch_op.drop_column('mac_key')
 
