@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import string
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
@@ -117,6 +118,9 @@ def _b64(value: str | None, field: str) -> bytes:
         raise InvalidRequest("not standard base64", field=field) from None
 
 
+_CIPHERTEXT_ALPHABET = (string.ascii_letters + string.digits + "+/=:").encode()
+
+
 def _batch_json(results: list[ItemResult]) -> bytes:
     """`{"batch_results": [{"ciphertext": ..., "key_version": n}, ...]}` written directly:
     json.dumps of 1,000 ciphertexts took a fifth of a batch, and a ciphertext
@@ -125,7 +129,9 @@ def _batch_json(results: list[ItemResult]) -> bytes:
     parts = []
     for r in results:
         value = str(r.value)
-        if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        # Nothing but the ciphertext alphabet is left after deleting it (bytes.translate:
+        # a table lookup a byte; str.isprintable cost half of this function).
+        if value.isascii() and not value.encode().translate(None, _CIPHERTEXT_ALPHABET):
             text = f'"{value}"'
         else:
             text = json.dumps(value)
