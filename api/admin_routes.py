@@ -143,5 +143,6 @@ def access(op: OperatorDep, kms: KmsDep, tenant: str | None = None,
            principal: str | None = None) -> dict[str, Any]:
     if (tenant is None) == (principal is None):
         raise InvalidRequest("give exactly one of tenant or principal", field="tenant")
-    rows = kms.access.for_tenant(tenant) if tenant else kms.access.for_principal(principal or "")
+    rows = (kms.access.for_tenant(tenant) if tenant is not None
+            else kms.access.for_principal(principal or ""))
     return {"access": rows}

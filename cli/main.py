@@ -71,6 +71,10 @@ def command(fn: F) -> F:
             fail(f"{exc.code}: {exc}")
         except HsmError as exc:
             fail(f"token: {exc}")
+        except BrokenPipeError:  # `kms audit export | head`: the reader has had enough
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
         except (OSError, PermissionError) as exc:
             fail(f"{type(exc).__name__}: {exc}")
     return wrapper  # type: ignore[return-value]

@@ -555,7 +555,8 @@ class Pkcs11Hsm:
                     return
             new = session.create_object({**query, Attribute.TOKEN: True,
                                          Attribute.PRIVATE: True, Attribute.MODIFIABLE: False,
-                                         Attribute.VALUE: value.to_bytes(8, "big")})
+                                         Attribute.VALUE: value.to_bytes(
+                                             max(8, (value.bit_length() + 7) // 8), "big")})
             self._counters[label] = (new, value)
             for o in old:
                 try:

@@ -159,6 +159,8 @@ class AppKeyService:
                enabled: bool | None = None) -> KeyView:
         caller.require(ROLE_TENANT_ADMIN)
         check_identifier(name, field="name")
+        if min_decryption_version is None and enabled is None:
+            raise InvalidRequest("give min_decryption_version or enabled", field="enabled")
         with self._db.write() as s:
             require_usable(load_tenant(s, caller.tenant_id))
             key = get_key(s, caller.tenant_id, name)

@@ -39,7 +39,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -98,8 +98,29 @@ def _derive_segment_key(hsm: Pkcs11Hsm, audit_key: bytes, segment_id: str) -> by
     return hsm.hmac_sha256(audit_key, _SEGMENT_INFO + segment_id.encode())
 
 
+AUDIT_KEY_LABEL = "kms/service/audit-hmac"
+
+
 def _anchor_label(audit_key: bytes) -> str:
     return f"kms/service/audit-anchor/{audit_key.hex()}"
+
+
+Mark = tuple[int, str]  # a committed head: (sequence, link hash of that event)
+_HASH_BITS = 256
+
+
+def _anchor_value(mark: Mark) -> int:
+    """The anchor counter's value: the sequence above the link hash, so that the
+    counter's order is the sequence's and the token keeps the hash of the chain at it."""
+    seq, link = mark
+    return (seq << _HASH_BITS) | int(link, 16)
+
+
+def _anchor_mark(value: int) -> tuple[int, str | None]:
+    """(sequence, hash) of a counter value; anchors written before hashes: (value, None)."""
+    if value >> _HASH_BITS == 0:
+        return value, None
+    return value >> _HASH_BITS, f"{value & ((1 << _HASH_BITS) - 1):064x}"
 
 
 @dataclass
@@ -153,6 +174,9 @@ class PendingEvent:
     actor: str
     request_id: str
     source: str
+    # A query (SQL, parameters) that must still find a row when the event is committed,
+    # under the journal's lock: the release it records is refused otherwise (NotFound).
+    requires: tuple[str, tuple[Any, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,19 +202,21 @@ class _Anchorer:
         self._cond = threading.Condition()
         self._label = ""
         self._target = self._written = 0
+        self._target_hash = ""
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._idle = False
         self._flushing = 0
 
-    def request(self, label: str, seq: int) -> None:
+    def request(self, label: str, mark: Mark) -> None:
+        seq = mark[0]
         with self._cond:
             if self._pid != os.getpid():  # forked: the parent's thread is not ours
                 self._thread, self._target, self._written = None, 0, 0
                 self._pid = os.getpid()
             if seq <= self._target and label == self._label:
                 return
-            self._label, self._target = label, max(seq, self._target)
+            self._label, self._target, self._target_hash = label, seq, mark[1]
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="audit-anchor",
                                                 daemon=True)
@@ -222,10 +248,10 @@ class _Anchorer:
                 while self._written >= self._target:
                     self._cond.wait()
                 self._idle = False
-                label, target = self._label, self._target
+                label, target, link = self._label, self._target, self._target_hash
             started = time.monotonic()
             try:
-                self._hsm.raise_counter(label, target)
+                self._hsm.raise_counter(label, _anchor_value((target, link)))
                 ok = True
             except HsmError:
                 # The events are committed; the anchor lags until the next attempt.
@@ -241,7 +267,9 @@ class _Anchorer:
                 # store): rest ten times as long, so the token stays free 90% of the time.
                 took = time.monotonic() - started
                 rest_until = time.monotonic() + max(ANCHOR_INTERVAL, 10 * took)
-                while not self._flushing and time.monotonic() < rest_until:
+                # A failed write rests even during a flush: retrying at once against an
+                # absent token would only fill the log until the flush gives up.
+                while (not self._flushing or not ok) and time.monotonic() < rest_until:
                     self._cond.wait(rest_until - time.monotonic())
 
 
@@ -252,14 +280,16 @@ class AuditJournal:
         self._audit_key: bytes | None = None
         self._segment: _Segment | None = None
         self._segment_lock = threading.Lock()
+        self._committed = (0, 0)  # (pid, highest sequence this process committed)
 
     # -- writing ------------------------------------------------------------------------
 
     def pending(self, *, action: str, tenant_id: str | None, object: str = "",
-                outcome: str = "success", actor: str | None = None) -> PendingEvent:
+                outcome: str = "success", actor: str | None = None,
+                requires: tuple[str, tuple[Any, ...]] | None = None) -> PendingEvent:
         ctx = current_context()
         return PendingEvent(action, tenant_id, object, outcome, actor or ctx.actor,
-                            ctx.request_id, ctx.source)
+                            ctx.request_id, ctx.source, requires)
 
     def record(self, s: Session, *, action: str, tenant_id: str | None, object: str = "",
                outcome: str = "success", actor: str | None = None) -> None:
@@ -278,7 +308,8 @@ class AuditJournal:
         try:
             key = self._key(s)
             head = s.execute(_HEAD).first()
-            rows, seq, prev, head_mac = self._chain(key, head, events)
+            rows, seq, prev, head_mac = self._chain(key, head, events, lambda n: s.scalar(
+                select(AuditEvent.prev_hash).where(AuditEvent.seq == n)))
             # Core statements: one executemany for the batch, no ORM unit of work.
             s.execute(insert(AuditEvent), rows)
             if head is None:
@@ -286,22 +317,30 @@ class AuditJournal:
             else:
                 s.execute(update(AuditHead).where(AuditHead.id == 1)
                           .values(seq=seq, hash=prev, mac=head_mac))
-            label = _anchor_label(key)
-            event.listen(s, "after_commit",
-                         lambda _s: self._anchorer.request(label, seq), once=True)
+            event.listen(s, "after_commit", lambda _s: self.anchor((seq, prev)), once=True)
         except (SQLAlchemyError, HsmError, KeyIntegrityError) as exc:
             raise ServiceUnavailable("the audit journal cannot be written") from exc
 
-    def append_direct(self, db: Database, events: list[PendingEvent]) -> None:
+    def append_direct(self, db: Database, events: list[PendingEvent]) -> list[bool]:
         """`append` in a transaction of its own, in plain DB-API (the group commit of the
-        data plane: four statements a batch instead of SQLAlchemy's unit of work)."""
+        data plane: four statements a batch instead of SQLAlchemy's unit of work).
+        Returns, for each event, whether it was written: an event whose `requires` finds
+        no row once the journal is locked is left out (its release must not happen)."""
         with db.raw_write() as cur:
-            seq = self.append_cursor(cur, db, events)
-        self.anchor(seq)
+            mark, written = self._append(cur, db, events)
+        if mark is not None:
+            self.anchor(mark)
+        return written
 
-    def append_cursor(self, cur: Any, db: Database, events: list[PendingEvent]) -> int:
-        """Append inside the caller's `db.raw_write()` transaction; returns the new head
-        sequence, which the caller passes to `anchor` once the transaction committed."""
+    def append_cursor(self, cur: Any, db: Database, events: list[PendingEvent]) -> Mark:
+        """Append inside the caller's `db.raw_write()` transaction; returns the new head,
+        which the caller passes to `anchor` once the transaction committed."""
+        mark, written = self._append(cur, db, events)
+        assert mark is not None and all(written)
+        return mark
+
+    def _append(self, cur: Any, db: Database, events: list[PendingEvent]
+                ) -> tuple[Mark | None, list[bool]]:
         try:
             if self._audit_key is None:
                 with db.read() as s:
@@ -312,7 +351,25 @@ class AuditJournal:
             cur.execute(db.sql(_HEAD_SQL) + ("" if db.is_sqlite else " FOR UPDATE"))
             found = cur.fetchone()
             head = _Head(*found) if found is not None else None
-            rows, seq, prev, head_mac = self._chain(key, head, events)
+            # Checked under the journal's lock: a deletion that committed its own event
+            # before this batch took the lock is seen here (PostgreSQL: read committed).
+            written = []
+            for e in events:
+                if e.requires is not None:
+                    cur.execute(db.sql(e.requires[0]), e.requires[1])
+                    written.append(cur.fetchone() is not None)
+                else:
+                    written.append(True)
+            events = [e for e, w in zip(events, written, strict=True) if w]
+            if not events:
+                return None, written
+
+            def link_at(n: int) -> str | None:
+                cur.execute(db.sql("SELECT prev_hash FROM audit_events WHERE seq = ?"), (n,))
+                got = cur.fetchone()
+                return None if got is None else str(got[0])
+
+            rows, seq, prev, head_mac = self._chain(key, head, events, link_at)
             cur.executemany(db.sql(_INSERT_SQL), [tuple(r[c] for c in _EVENT_COLUMNS)
                                                   for r in rows])
             if head is None:
@@ -321,21 +378,31 @@ class AuditJournal:
             else:
                 cur.execute(db.sql("UPDATE audit_head SET seq = ?, hash = ?, mac = ? "
                                    "WHERE id = 1"), (seq, prev, head_mac))
-            return seq
+            return (seq, prev), written
         except (HsmError, KeyIntegrityError) as exc:
             raise ServiceUnavailable("the audit journal cannot be written") from exc
 
-    def anchor(self, seq: int) -> None:
-        """Have `seq` (committed) anchored in the token, soon (`_Anchorer`)."""
+    def anchor(self, mark: Mark) -> None:
+        """Have this committed head anchored in the token, soon (`_Anchorer`)."""
         assert self._audit_key is not None
-        self._anchorer.request(_anchor_label(self._audit_key), seq)
+        with self._segment_lock:
+            pid, committed = self._committed
+            self._committed = (os.getpid(), max(mark[0], committed if pid == os.getpid()
+                                                else 0))
+        self._anchorer.request(_anchor_label(self._audit_key), mark)
 
-    def _chain(self, key: bytes, head: Any, events: list[PendingEvent]
+    def _chain(self, key: bytes, head: Any, events: list[PendingEvent],
+               link_at: Callable[[int], str | None]
                ) -> tuple[list[dict[str, Any]], int, str, str]:
         """The rows of `events` chained after `head`; returns them with the new head's
-        seq, hash and mac (by the token)."""
+        seq, hash and mac (by the token). Refuses to extend a journal that is behind what
+        this process committed, or, when a segment starts, behind the token's anchor:
+        appending there would write over the evidence of a rollback."""
         seq, prev = (head.seq, head.hash) if head is not None else (0, GENESIS)
-        segment = self._writing_segment(key, len(events))
+        pid, committed = self._committed
+        if pid == os.getpid() and seq < committed:
+            raise KeyIntegrityError("the journal is behind what this process committed")
+        segment = self._writing_segment(key, len(events), seq, prev, link_at)
         rows = []
         for p in events:
             seq += 1
@@ -352,19 +419,39 @@ class AuditJournal:
         head_mac = self._hsm.hmac_sha256(key, f"head|{seq}|{prev}".encode()).hex()
         return rows, seq, prev, head_mac
 
-    def _writing_segment(self, key: bytes, n: int) -> _Segment:
+    def _writing_segment(self, key: bytes, n: int, head_seq: int, head_hash: str,
+                         link_at: Callable[[int], str | None]) -> _Segment:
         """The segment that MACs the next `n` events: a new one (its key derived in the
         token) after SEGMENT_EVENTS events, SEGMENT_SECONDS, or a fork."""
         with self._segment_lock:
             seg, now = self._segment, self._clock.now()
             if seg is None or seg.pid != os.getpid() or seg.events + n > SEGMENT_EVENTS \
                     or not (0 <= (now - seg.born).total_seconds() < SEGMENT_SECONDS):
+                self._check_anchor(key, head_seq, head_hash, link_at)
                 segment_id = f"s-{secrets.token_hex(16)}"
                 seg = _Segment(segment_id, _derive_segment_key(self._hsm, key, segment_id),
                                born=now)
                 self._segment = seg
             seg.events += n
             return seg
+
+    def _check_anchor(self, key: bytes, head_seq: int, head_hash: str,
+                      link_at: Callable[[int], str | None]) -> None:
+        anchored, link = _anchor_mark(self._hsm.read_counter(_anchor_label(key)))
+        if head_seq < anchored:
+            log.error("audit journal refuses to append: the database is behind the token's "
+                      "anchor (rolled back or truncated); run kms audit verify")
+            raise KeyIntegrityError("the journal is behind the token's anchor")
+        if link is not None and anchored > 0:
+            found = head_hash if anchored == head_seq else link_at(anchored + 1)
+            if found is None or not hmac.compare_digest(found, link):
+                log.error("audit journal refuses to append: the database differs from the "
+                          "token's anchor (rewritten); run kms audit verify")
+                raise KeyIntegrityError("the journal differs from the token's anchor")
+
+    def read_anchor(self, key: bytes) -> tuple[int, str | None]:
+        """The token's anchor for this journal: (sequence, link hash or None)."""
+        return _anchor_mark(self._hsm.read_counter(_anchor_label(key)))
 
     def forget_segment(self) -> None:
         """Drop the segment key from memory; the next event starts a new segment."""
@@ -383,10 +470,23 @@ class AuditJournal:
 
     # -- reading ------------------------------------------------------------------------
 
-    def verify(self, s: Session) -> VerifyResult:
-        """Check every event's HMAC, the chain, the sequence, and the head."""
+    def key(self, s: Session) -> bytes:
+        """The CKA_ID of the audit key (read once from the database)."""
+        return self._key(s)
+
+    def verify(self, s: Session, anchor: tuple[int, str | None] | None = None
+               ) -> VerifyResult:
+        """Check that the audit key is the token's, every event's HMAC, the chain, the
+        sequence, the head, and the token's anchor (sequence and hash). `anchor` is the
+        anchor read before the snapshot `s` began: read after it, under load, the anchor
+        may already cover events the snapshot does not hold (a false alarm)."""
         self.flush_anchor()
         key = self._key(s)
+        if not any(o.label == AUDIT_KEY_LABEL and o.object_class == "SECRET_KEY"
+                   for o in self._hsm.find_objects(cka_id=key)):
+            return VerifyResult(False, 0, 1, "the audit key named in the database is not "
+                                "the token's")
+        anchored, anchored_link = anchor if anchor is not None else self.read_anchor(key)
         cp = s.get(AuditCheckpoint, 1)
         expected_seq = (cp.first_seq if cp else 1)
         prev = cp.prev_hash if cp else GENESIS
@@ -396,28 +496,39 @@ class AuditJournal:
         count = 0
         segments: dict[str, _Segment] = {}
         for row in s.scalars(select(AuditEvent).order_by(AuditEvent.seq)).yield_per(1000):
-            if row.seq != expected_seq:
-                return VerifyResult(False, count, min(row.seq, expected_seq), "sequence gap")
-            body = canonical(_body(row))
-            if not self._mac_ok(key, body, row.mac, row.mac_key, segments):
-                return VerifyResult(False, count, row.seq, "event altered")
-            if row.prev_hash != prev:
-                return VerifyResult(False, count, row.seq, "chain broken")
-            prev = _link(body, row.mac)
+            try:
+                if row.seq != expected_seq:
+                    return VerifyResult(False, count, min(int(row.seq), expected_seq),
+                                        "sequence gap")
+                body = canonical(_body(row))
+                if not self._mac_ok(key, body, row.mac, row.mac_key, segments):
+                    return VerifyResult(False, count, row.seq, "event altered")
+                if row.prev_hash != prev:
+                    return VerifyResult(False, count, row.seq, "chain broken")
+                prev = _link(body, row.mac)
+            except (TypeError, ValueError, AttributeError):  # a column of the wrong type
+                return VerifyResult(False, count, expected_seq, "event altered")
+            if row.seq == anchored and anchored_link is not None \
+                    and not hmac.compare_digest(prev, anchored_link):
+                return VerifyResult(False, count, row.seq,
+                                    "journal rewritten (differs from the token's anchor)")
             expected_seq += 1
             count += 1
         head = s.get(AuditHead, 1)
         last = expected_seq - 1
-        anchor = self._hsm.read_counter(_anchor_label(key))
         if head is None:
-            if count == 0 and anchor == 0:
+            if count == 0 and anchored == 0:
                 return VerifyResult(True, 0)
             return VerifyResult(False, count, last + 1, "journal truncated (head missing)")
-        if head.seq < anchor:
+        if head.seq < anchored:
             return VerifyResult(False, count, head.seq + 1,
                                 "journal truncated (behind the token's anchor)")
-        if not self._mac_ok(key, f"head|{head.seq}|{head.hash}", head.mac):
-            return VerifyResult(False, count, head.seq, "head altered")
+        try:
+            head_ok = self._mac_ok(key, f"head|{head.seq}|{head.hash}", head.mac)
+        except (TypeError, ValueError, AttributeError):
+            head_ok = False
+        if not head_ok:
+            return VerifyResult(False, count, last, "head altered")
         if head.seq != last or head.hash != prev:
             return VerifyResult(False, count, min(head.seq, last) + 1, "journal truncated")
         return VerifyResult(True, count)

@@ -13,7 +13,7 @@ from concurrent.futures import Future, InvalidStateError
 from hsm import inline
 from kms.audit import AuditJournal, PendingEvent
 from kms.db import Database
-from kms.errors import KmsError, ServiceUnavailable
+from kms.errors import KmsError, NotFound, ServiceUnavailable
 
 Waiter = Future[None] | asyncio.Future[None]
 MAX_BATCH = 512
@@ -92,11 +92,16 @@ class AuditBatcher:
                 while self._pending and len(batch) < MAX_BATCH:
                     batch.append(self._pending.popleft())
                 error: BaseException | None = None
+                written = [True] * len(batch)
                 try:
-                    self._journal.append_direct(self._db, [event for event, _ in batch])
+                    written = self._journal.append_direct(self._db,
+                                                          [event for event, _ in batch])
                 except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                     error = exc
-                _resolve([w for _, w in batch], error)
+                _resolve([w for (_, w), ok in zip(batch, written, strict=True) if ok], error)
+                refused = [w for (_, w), ok in zip(batch, written, strict=True) if not ok]
+                if refused:  # deleted meanwhile: the release does not happen
+                    _resolve(refused, NotFound("no such volume", what="volume"))
                 if error is not None and not isinstance(error, Exception):
                     raise error  # KeyboardInterrupt, SystemExit: after the waiters have it
 

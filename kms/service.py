@@ -13,13 +13,13 @@ from typing import Any
 from hsm import HsmError, HsmMechanismMissing, HsmUnavailable, Pkcs11Hsm
 from kms.access import AccessService
 from kms.appkeys import AppKeyService
-from kms.audit import AuditJournal, VerifyResult
+from kms.audit import AUDIT_KEY_LABEL, AuditJournal, VerifyResult
 from kms.audit_batch import AuditBatcher
 from kms.clock import Clock, require_aware
 from kms.config import MIN_NOTICE_DAYS
 from kms.db import Database
 from kms.erasure import ErasureRunner
-from kms.errors import InvalidConfiguration, InvalidRequest, ServiceUnavailable
+from kms.errors import InvalidConfiguration, InvalidRequest, InvalidState, ServiceUnavailable
 from kms.kekrotation import KekRotation
 from kms.keyring import Keyring
 from kms.lifecycle import LifecycleService
@@ -34,7 +34,7 @@ from kms.transit import TransitService
 from kms.usage import UsageLimiter
 from kms.volumes import VolumeService
 
-SERVICE_KEY_LABELS = {"audit-hmac": "kms/service/audit-hmac",
+SERVICE_KEY_LABELS = {"audit-hmac": AUDIT_KEY_LABEL,
                       "signing": "kms/service/signing",
                       "secrets-kek": "kms/service/secrets-kek"}
 
@@ -126,8 +126,14 @@ class Kms:
             return list(self.audit.export(s, tenant_id=tenant_id, since=since))
 
     def audit_verify(self) -> VerifyResult:
+        # The token's anchor first, the snapshot after: the anchor only ever follows
+        # commits, so every event it covers is in a snapshot taken later.
+        self.audit.flush_anchor()
         with self.db.read() as s:
-            return self.audit.verify(s)
+            key = self.audit.key(s)
+        anchor = self.audit.read_anchor(key)
+        with self.db.read() as s:
+            return self.audit.verify(s, anchor=anchor)
 
     def audit_purge(self, *, before: datetime, retention: timedelta) -> int:
         """Purge events older than `before`; refuses anything younger than the retention."""
@@ -135,6 +141,12 @@ class Kms:
         if before > self.clock.now() - retention:
             raise InvalidRequest(f"events younger than the retention ({retention.days} days) "
                                  "cannot be purged", field="before")
+        # Purging trusts each event's time: only a journal that verifies is purged
+        # (an edited `ts` would otherwise delete recent events and hide the edit).
+        check = self.audit_verify()
+        if not check.ok:
+            raise InvalidState(f"the journal does not verify (first bad sequence "
+                               f"{check.first_bad_seq}: {check.reason}): purge refused")
         with self.db.write() as s:
             n = self.audit.purge(s, before=before)
             self.audit.record(s, action="audit.purge", tenant_id=None,

@@ -140,12 +140,12 @@ class VolumeService:
                 cur.execute(db.sql(_COUNT_KEK_USE), (tenant_id, generation))
                 cur.execute(db.sql(_INSERT_VOLUME), (tenant_id, volume_id, cipher, key_bits,
                                                      generation, wrapped, db.bind_time(now)))
-                seq = self._audit.append_cursor(cur, db, [self._audit.pending(
+                mark = self._audit.append_cursor(cur, db, [self._audit.pending(
                     action="volume.create", tenant_id=tenant_id, object=f"volume:{volume_id}",
                     actor=caller.actor)])
         except db.integrity_error as exc:  # a concurrent create of the same id
             raise AlreadyExists("volume exists", what="volume") from exc
-        self._audit.anchor(seq)
+        self._audit.anchor(mark)
         return VolumeView(volume_id, cipher, key_bits, now)
 
     def _create_orm(self, caller: Caller, volume_id: str, cipher: str, key_bits: int,
@@ -194,10 +194,13 @@ class VolumeService:
                                         bytes(wrapped))
         released = VolumeKey(found, cipher, key_bits, SecretBytes(key))
         # No key leaves before its release is in the journal.
-        self._batcher.submit(self._audit.pending(action="volume.key_fetch",
-                                                 tenant_id=caller.tenant_id,
-                                                 object=f"volume:{volume_id}",
-                                                 actor=caller.actor))
+        # and none after the volume's deletion has committed: the event is written only
+        # if the volume is still there under the journal's lock (the deletion's own
+        # event takes that lock too).
+        self._batcher.submit(self._audit.pending(
+            action="volume.key_fetch", tenant_id=caller.tenant_id,
+            object=f"volume:{volume_id}", actor=caller.actor,
+            requires=(_VOLUME_EXISTS, (caller.tenant_id, volume_id))))
         return released
 
     def delete(self, caller: Caller, volume_id: str) -> dict[str, Any]:

@@ -196,6 +196,9 @@ def test_key_lifecycle_over_the_api(client, tenant) -> None:  # type: ignore[no-
     assert base64.b64decode(new.json()["plaintext"]) == b"one"
     bad = client.patch("/v1/keys/lc", json={"min_decryption_version": 9}, headers=admin)
     assert bad.status_code == 400
+    for nothing in ({}, {"enabled": None}):  # a PATCH that changes nothing is refused
+        empty = client.patch("/v1/keys/lc", json=nothing, headers=admin)
+        assert empty.status_code == 400 and empty.json()["field"] == "enabled", empty.text
     assert client.patch("/v1/keys/lc", json={"enabled": False}, headers=admin).status_code == 200
     off = client.post("/v1/keys/lc/encrypt", json={"plaintext": "eA=="}, headers=app)
     assert off.status_code == 403 and off.json()["code"] == "key_disabled"

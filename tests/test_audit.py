@@ -358,7 +358,9 @@ def test_every_commit_is_anchored_in_the_token_off_the_request_path(fresh) -> No
         head = s.get(AuditHead, 1)
         assert head is not None
         key = k.audit._key(s)
-    assert k.hsm.read_counter(_anchor_label(key)) == head.seq
+    from kms.audit import _anchor_mark
+
+    assert _anchor_mark(k.hsm.read_counter(_anchor_label(key))) == (head.seq, head.hash)
 
 
 def test_events_are_maced_under_a_segment_key_derived_in_the_token(fresh) -> None:  # type: ignore[no-untyped-def]
@@ -432,6 +434,14 @@ def test_events_from_before_segments_still_verify(fresh) -> None:  # type: ignor
         head = s.get(AuditHead, 1)
         head.hash = prev
         head.mac = k.hsm.hmac_sha256(key, f"head|{head.seq}|{prev}".encode()).hex()
+        seq = head.seq
+    # ... and its anchor, a bare sequence number (no hash).
+    from kms.audit import _anchor_label
+
+    assert k.audit.flush_anchor()
+    k.hsm.destroy_objects(_anchor_label(key))
+    k.hsm.raise_counter(_anchor_label(key), seq)
+    k.audit.forget_segment()
     assert k.audit_verify().ok
     k.lifecycle.suspend(tid)  # new events, in a segment, after the old ones
     assert k.audit_verify().ok
@@ -467,5 +477,150 @@ def test_a_segment_key_cannot_forge_the_head(fresh) -> None:  # type: ignore[no-
         head.mac = hmac_mod.new(leaked, f"head|{head.seq}|{head.hash}".encode(),
                                 hashlib.sha256).hexdigest()
         seq = last.seq
+    # The token's anchor (sequence and hash) already tells; without it (it lags the
+    # commits by up to ANCHOR_INTERVAL), the head's token HMAC does.
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == seq and "anchor" in str(result.reason)
+    from kms.audit import _anchor_label
+
+    k.hsm.destroy_objects(_anchor_label(key))
     result = k.audit_verify()
     assert not result.ok and result.reason == "head altered" and result.first_bad_seq == seq
+
+
+def _roll_back_tail(k: Kms) -> tuple[int, str]:
+    """Save the head, write more, then put the database back as it was at the save: a
+    database restored from a snapshot (or a tail deleted with its head restored)."""
+    from kms.models import AuditHead
+
+    tid = make_history(k)
+    with k.db.read() as s:
+        old = s.execute(text("SELECT seq, hash, mac FROM audit_head")).one()
+    k.lifecycle.suspend(tid)
+    k.lifecycle.resume(tid)
+    assert k.audit.flush_anchor()
+    with k.db.write() as s:
+        s.execute(text("DELETE FROM audit_events WHERE seq > :n"), {"n": old.seq})
+        head = s.get(AuditHead, 1)
+        assert head is not None
+        head.seq, head.hash, head.mac = old.seq, old.hash, old.mac
+    return old.seq, tid
+
+
+def test_a_rolled_back_journal_is_not_written_over_by_this_process(fresh) -> None:  # type: ignore[no-untyped-def]
+    k, _ = fresh
+    seq, tid = _roll_back_tail(k)
+    with pytest.raises(ServiceUnavailable):
+        k.lifecycle.suspend(tid)
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == seq + 1
+
+
+def test_a_rolled_back_journal_is_not_written_over_after_a_restart(fresh) -> None:  # type: ignore[no-untyped-def]
+    """A new process (a new segment) checks the token's anchor before its first event:
+    writing on would reuse the lost sequence numbers and carry the anchor past them."""
+    k, _ = fresh
+    seq, tid = _roll_back_tail(k)
+    k.audit.forget_segment()
+    k.audit._committed = (0, 0)  # what a new process knows
+    for _ in range(3):
+        with pytest.raises(ServiceUnavailable):
+            k.lifecycle.suspend(tid)
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == seq + 1
+
+
+def test_the_anchor_holds_the_hash_so_a_rewritten_chain_is_found(fresh) -> None:  # type: ignore[no-untyped-def]
+    """Same length, different events (rolled back, then as many events written anew
+    by a writer that did not check): the anchor's hash differs at its sequence."""
+    from kms.audit import _anchor_label, _anchor_mark
+
+    k, _ = fresh
+    make_history(k)
+    assert k.audit.flush_anchor()
+    with k.db.read() as s:
+        key = k.audit._key(s)
+        head_seq, head_hash = s.execute(text("SELECT seq, hash FROM audit_head")).one()
+    assert _anchor_mark(k.hsm.read_counter(_anchor_label(key))) == (head_seq, head_hash)
+    from kms.audit import _body, _link, canonical
+    from kms.models import AuditHead
+
+    with k.db.write() as s:  # the last event rewritten with valid MACs (as only a
+        # writer holding the token could): only the anchor's hash tells
+        last = s.scalars(select(AuditEvent).where(AuditEvent.seq == head_seq)).one()
+        last.object, last.mac_key = "rewritten", None
+        raw = canonical(_body(last))
+        last.mac = k.hsm.hmac_sha256(key, raw).hex()
+        head = s.get(AuditHead, 1)
+        assert head is not None
+        head.hash = _link(raw, last.mac)
+        head.mac = k.hsm.hmac_sha256(key, f"head|{head.seq}|{head.hash}".encode()).hex()
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == head_seq
+    assert result.reason == "journal rewritten (differs from the token's anchor)"
+
+
+def test_purge_refuses_a_journal_that_does_not_verify(fresh) -> None:  # type: ignore[no-untyped-def]
+    """An edited `ts` would let purge delete recent events; purge verifies first."""
+    from kms.errors import InvalidState
+
+    k, clock = fresh
+    make_history(k)
+    before = k.audit_verify().events
+    with k.db.write() as s:
+        s.execute(text("UPDATE audit_events SET ts = '2020-01-01T00:00:00.000000+00:00'"))
+    with pytest.raises(InvalidState):
+        k.audit_purge(before=T0 - timedelta(days=400), retention=timedelta(days=183))
+    with k.db.read() as s:
+        assert s.scalar(text("SELECT count(*) FROM audit_events")) == before
+
+
+def test_a_journal_wiped_with_its_audit_key_id_changed_does_not_verify(fresh) -> None:  # type: ignore[no-untyped-def]
+    k, _ = fresh
+    make_history(k)
+    with k.db.write() as s:
+        s.execute(text("DELETE FROM audit_events"))
+        s.execute(text("DELETE FROM audit_head"))
+        s.execute(text("UPDATE service_keys SET cka_id = '00112233445566778899aabbccddeeff' "
+                       "WHERE purpose = 'audit-hmac'"))
+    k.audit._audit_key = None  # a new process reads it from the database
+    result = k.audit_verify()
+    assert not result.ok and "audit key" in str(result.reason)
+
+
+@pytest.mark.parametrize("column", ["object", "mac_key", "mac", "prev_hash"])
+def test_a_column_of_the_wrong_type_is_an_altered_event_not_a_crash(fresh, column) -> None:  # type: ignore[no-untyped-def]
+    k, _ = fresh
+    make_history(k)
+    with k.db.write() as s:
+        s.execute(text(f"UPDATE audit_events SET {column} = CAST({column} AS BLOB) "
+                       "WHERE seq = 5"))
+    result = k.audit_verify()
+    assert not result.ok and result.first_bad_seq == 5
+
+
+def test_no_volume_key_is_released_after_its_deletion_committed(fresh) -> None:  # type: ignore[no-untyped-def]
+    """The deletion commits between the unwrap and the release's journal commit: the
+    release is refused (404) and the journal ends with the deletion."""
+    from kms.errors import NotFound
+
+    k, _ = fresh
+    tid, callers, _ = populate(k, "release race", volumes=1, keys=0)
+    hv = callers["hypervisor"]
+    real = k.volumes._keyring.unwrap_with
+
+    def unwrap_then_delete(*args: Any, **kwargs: Any) -> bytes:
+        key = real(*args, **kwargs)
+        k.volumes.delete(hv, "vol-0")  # another request, committed first
+        return bytes(key)
+
+    k.volumes._keyring.unwrap_with = unwrap_then_delete  # type: ignore[method-assign]
+    try:
+        with pytest.raises(NotFound):
+            k.volumes.fetch_key(hv, "vol-0")
+    finally:
+        k.volumes._keyring.unwrap_with = real  # type: ignore[method-assign]
+    mine = [(e["action"], e["object"]) for e in events(k) if e["tenant"] == tid]
+    assert mine[-1] == ("volume.delete", "volume:vol-0")
+    assert ("volume.key_fetch", "volume:vol-0") not in mine
+    assert k.audit_verify().ok

@@ -96,9 +96,9 @@ def test_no_answer_leaves_before_its_event_is_committed(settings, kms) -> None: 
     _tid, callers, _ = populate(k, "inline slow journal", volumes=1, keys=0)
     original = k.audit.append_direct
 
-    def slow(db: Any, events: Any) -> None:
+    def slow(db: Any, events: Any) -> list[bool]:
         time.sleep(0.3)
-        original(db, events)
+        return original(db, events)
 
     k.audit.append_direct = slow  # type: ignore[method-assign]
     before = _event_count(k)

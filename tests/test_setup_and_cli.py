@@ -174,3 +174,21 @@ def test_a_cli_change_is_anchored_before_the_command_exits(tmp_path: Path) -> No
         c.execute("UPDATE audit_head SET seq = ?, hash = ?, mac = ?", old)
     verify = _kms(tmp_path, "audit", "verify", "--json", check=False)
     assert verify.returncode != 0 and "truncated" in verify.stdout + verify.stderr
+
+
+def test_cli_output_cut_short_by_its_reader_is_no_error_line(tmp_path: Path) -> None:
+    """`kms audit export | head`: the reader closing the pipe is not an error to print."""
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    subprocess.run([str(SETUP_TOKEN)], env={**env, "KMS_HOME": str(tmp_path)}, check=True,
+                   capture_output=True)
+    _kms(tmp_path, "init")
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("KMS_")}
+    run_env.update(KMS_HOME=str(tmp_path),
+                   SOFTHSM2_CONF=str(tmp_path / "softhsm" / "softhsm2.conf"))
+    p = subprocess.Popen([KMS, "audit", "export"], env=run_env, cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # before the command has written anything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) != 0
+    assert "BrokenPipe" not in err and "Traceback" not in err, err
