@@ -11,13 +11,13 @@ cause (format, unknown version, tag), is one opaque `DecryptionFailed`.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import os
 import re
 import struct
 from dataclasses import dataclass
 
+import pybase64
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -72,7 +72,7 @@ def open_sealed(aead: AESGCM, blob: bytes, *, aad: bytes) -> bytes:
 
 
 def format_ciphertext(version: int, blob: bytes) -> str:
-    return f"kms:v{version}:{base64.b64encode(blob).decode()}"
+    return f"kms:v{version}:{pybase64.b64encode_as_string(blob)}"
 
 
 def parse_ciphertext(text: str) -> tuple[int, bytes]:
@@ -81,7 +81,7 @@ def parse_ciphertext(text: str) -> tuple[int, bytes]:
     if m is None:
         raise DecryptionFailed()
     try:
-        blob = base64.b64decode(m.group(2), validate=True)
+        blob = pybase64.b64decode(m.group(2), validate=True)
     except (binascii.Error, ValueError):
         raise DecryptionFailed() from None
     if len(blob) < NONCE_BYTES + TAG_BYTES:

@@ -84,3 +84,25 @@ def test_command_line_overrides_win_over_the_environment_and_are_validated(monke
     assert s.port == 2222 and isinstance(s.home, Path)
     with pytest.raises(InvalidConfiguration):
         load_settings(None, port=70000)
+
+
+@given(st.one_of(st.text(max_size=64), st.text(alphabet="ABCab+/=019 \n-_", max_size=64),
+                 st.binary(max_size=48).map(lambda b: __import__("base64").b64encode(b)
+                                            .decode())))
+def test_request_base64_is_exactly_the_standard_strict_form(value: str) -> None:
+    """The API's base64 (pybase64, for speed) accepts what the standard library's strict
+    decoder accepts, and nothing else: the alphabet, correct padding, nothing after."""
+    import binascii
+
+    from api.tenant_routes import _b64
+    from kms.errors import InvalidRequest
+
+    try:
+        expected: bytes | None = binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):
+        expected = None
+    try:
+        got: bytes | None = _b64(value, "plaintext")
+    except InvalidRequest:
+        got = None
+    assert got == expected
