@@ -120,8 +120,11 @@ serialized behind one lock shared with the request path's unwraps).
   batches of 1,000, and the fifth often found no spare block yet and reserved in the
   foreground, through the thread pool (8.7% of the GIL samples at c=64 in a py-spy
   profile of the batch made this morning).
-- **Batch answers** check each ciphertext against its alphabet with `bytes.translate`
-  (`str.isprintable` was half of writing a 1,000-item answer: 7.1 ms → 4.2 ms in process).
+- **Batch encrypt**: base64 through `pybase64` (SIMD), 3.4× faster to decode and 4× to
+  encode than the standard library in process (a third of a batch's CPU went there), and
+  each ciphertext checked against its alphabet with `bytes.translate` before it is written
+  into the answer (`str.isprintable` was half of writing a 1,000-item answer: 7.1 ms →
+  4.2 ms in process). A new dependency, for a measured reason.
 - **Costs added, for integrity** (found by a break-it trial): a volume key's release is
   journaled only if the volume still exists under the journal's lock (one primary-key
   read per key-fetch event, inside the commit), and the token's anchor now holds the
@@ -211,6 +214,7 @@ def _batch(x: _Ctx) -> str:
     rates = {c: x.rate("batch", c) for c in (1, 16, 64)}
     ok = [c for c in rates if (rates[c] or 0) >= 50_000]
     crypto = x.category("batch-gil", "AES-GCM")
+    aes_rate = ((x.res.get("ceilings") or {}).get("aesgcm_encrypt_1k") or {}).get("rate")
     fw = x.category("batch-gil", "FastAPI")
     verdict = "met at every concurrency" if len(ok) == 3 else (
         f"met at c={', '.join(map(str, ok))}" if ok else "missed")
@@ -220,9 +224,14 @@ def _batch(x: _Ctx) -> str:
 (target 50,000). One core parses, encrypts and answers 1.4 MB bodies; concurrency adds
 nothing but queueing. The GIL profile: base64, AES-GCM and hashing {_r(crypto, 0)}%,
 FastAPI/Starlette/json {_r(fw, 0)}% (`json.loads` of the body and pydantic's validation of
-1,000 items). Done for this run: strict base64 with `binascii.a2b_base64(strict_mode=True)`
-(no regular-expression pass), the AAD prefix built once per batch, the answer written
-without `json.dumps`. Left: parsing the body with one `pydantic_core` call from bytes."""
+1,000 items). Done: strict base64 through `pybase64` (SIMD; the standard library's
+decoder and encoder were a third of a batch's CPU in the previous profile, 3.4× and 4×
+slower in process), ciphertexts checked with `bytes.translate` before they are written
+into the answer, the AAD prefix built once per batch, the answer written without
+`json.dumps`. Left: parsing the body with one `pydantic_core` call from bytes. On a slow
+or busy host the 50,000 items/s are near the edge: this is one core doing 1 KiB AES-GCM,
+base64 both ways and JSON for every item (the AES-GCM ceiling in this run is
+{_r(aes_rate)} op/s)."""
 
 
 def _peer(x: _Ctx) -> str:
