@@ -81,8 +81,9 @@ def _summary(x: _Ctx, table: Any) -> str:
     if one is not None:
         token_note = (f" In a token holding {large.get('tenants', 0):,} tenants, erasing one "
                       f"took {one / 1000:.1f} s"
-                      + (" (over 2 s: SoftHSM's file store walks every object on every "
-                         "search, section 7)." if one >= 2000 else "."))
+                      + (" (over 2 s: PKCS#11 has no prefix search, so the erasure reads "
+                         "every object's label twice, and SoftHSM's file store reads each "
+                         "attribute from disk; section 7)." if one >= 2000 else "."))
     return (f"**{len(met)} targets met, {len(missed)} missed.** Erasure meets its targets and "
             f"is flat in the amount of data protected.{token_note} Against PyKMIP the service "
             "is ahead on every shared operation, journal on. The HTTP data plane reaches "
