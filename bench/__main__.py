@@ -66,7 +66,7 @@ PEER_REQUIREMENTS = ["pykmip==0.11.0", "py-spy==0.4.3"]
 @dataclass
 class Settings:
     seconds: float = 3.0
-    reps: int = 3
+    reps: int = 5
     concurrency: tuple[int, ...] = (1, 16, 64)
     warmup: float = 1.0
     profile_seconds: float = 5.0
@@ -494,10 +494,10 @@ def main() -> int:
         R = cfg.reps
         spec_rows = [
             ("bare", "bare endpoint (HTTP ceiling)", bare_http, tg["bare"]["bare"], R, "http"),
-            ("bare-sync", "bare, as a `def` route (one thread-pool hop)", bare_http,
-             tg["bare"]["bare-sync"], 1, "http"),
             ("encrypt", "encrypt 1 KiB", kms_http, tg["http"]["encrypt"], R, "http"),
             ("keyfetch", "volume key fetch", kms_http, tg["http"]["keyfetch"], R, "http"),
+            ("bare-sync", "bare, as a `def` route (one thread-pool hop)", bare_http,
+             tg["bare"]["bare-sync"], 1, "http"),
             ("batch", "batch encrypt 1000 x 1 KiB", kms_http, tg["http"]["batch"], R, "http"),
             ("decrypt", "decrypt 1 KiB", kms_http, tg["http"]["decrypt"], 1, "http"),
             ("datakey", "datakey 256", kms_http, tg["http"]["datakey"], 1, "http"),

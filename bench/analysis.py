@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from bench.report import agg
+from bench.report import agg, paired_ratio
 
 
 def _r(x: float | None, digits: int = 0) -> str:
@@ -48,8 +48,7 @@ class _Ctx:
         return float(a["server_cpu"]) / (float(a["rate"]) / unit) * 1e3
 
     def ratio(self, key: str, base: str, c: int) -> float | None:
-        x, y = self.rate(key, c), self.rate(base, c)
-        return x / y if x and y else None
+        return paired_ratio(self.http, key, base, c)
 
     def cpu_range(self) -> str:
         vals = [r["server_cpu"] for k in ("encrypt", "keyfetch", "decrypt", "datakey")

@@ -54,6 +54,23 @@ def agg(entry: dict[str, Any] | None, c: int | str) -> dict[str, float] | None:
     }
 
 
+def paired_ratio(http: dict[str, Any], key: str, base: str, c: int | str) -> float | None:
+    """Median over rounds of key's rate / base's rate in the same round (they run seconds
+    apart), which holds better than a ratio of medians when the host slows down and
+    speeds up during a run; a ratio of medians when the rounds do not pair."""
+    a, b = http.get(key), http.get(base)
+    if not a or not b:
+        return None
+    ra = a["runs"].get(c) or a["runs"].get(str(c)) or []
+    rb = b["runs"].get(c) or b["runs"].get(str(c)) or []
+    if ra and len(ra) == len(rb):
+        ua, ub = a.get("unit", 1), b.get("unit", 1)
+        return median([(x["requests"] / x["seconds"] * ua) / (y["requests"] / y["seconds"] * ub)
+                       for x, y in zip(ra, rb, strict=True) if y["requests"]])
+    ma, mb = agg(a, c), agg(b, c)
+    return ma["rate"] / mb["rate"] if ma and mb and mb["rate"] else None
+
+
 class Table:
     HEADER = ("Measurement", "Conc.", "Throughput", "p50", "p99", "Against", "Target",
               "Result")
@@ -114,7 +131,8 @@ def build_table(res: dict[str, Any]) -> Table:
                 a, bare = agg(http.get(key), c), agg(http.get("bare"), c)
                 if a is None:
                     continue
-                ratio = a["rate"] / bare["rate"] if bare else float("nan")
+                paired = paired_ratio(http, key, "bare", c) if bare else None
+                ratio = paired if paired is not None else float("nan")
                 t.row(http[key]["label"], str(c), per_s(a), _ms(a["p50"]), _ms(a["p99"]),
                       f"{_pct(ratio)} of bare", f"≥ {target:.0%} of bare" if target else "",
                       _verdict(ratio >= target if target and bare else None))
@@ -346,7 +364,10 @@ def write_report(res: dict[str, Any], out: Path, run_dir: Path) -> str:
         "are idle (requests queued by the previous run drained). The bare endpoint, encrypt, "
         "key fetch and "
         f"batch ran {res.get('settings', {}).get('reps', '?')} times, interleaved with "
-        "everything else; the table quotes the median throughput, median p50 and median p99. "
+        "everything else; the table quotes the median throughput, median p50 and median p99, "
+        "and a ratio to the bare endpoint is the median of the per-round ratios (in each "
+        "round the bare endpoint, encrypt and key fetch run one after the other, seconds "
+        "apart, so a slowdown of the shared host hits both sides of a ratio). "
         "The other rows ran once.",
         "- Servers: `kms serve` (uvicorn, h11, asyncio, one process) on CPU 0, wrk on CPU 1. "
         "The bare endpoint (`bench/bare.py`) is a FastAPI app on the very same uvicorn "
