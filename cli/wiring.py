@@ -33,6 +33,7 @@ def build_kms(settings: Settings, *, clock: Clock | None = None) -> Kms:
                                 settings.argon2_parallelism),
         incompatible_roles=tuple((a, b) for a, b in settings.incompatible_roles),
         audit_data_plane=settings.audit_data_plane,
+        exclusive_token=not settings.token_shared_by_databases,
         key_version_max_encryptions=settings.key_version_max_encryptions,
         kek_max_encryptions=settings.kek_max_encryptions,
         kek_rotation_days=settings.kek_rotation_days)

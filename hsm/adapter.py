@@ -431,13 +431,22 @@ class Pkcs11Hsm:
 
     # -- destruction ----------------------------------------------------------------
 
-    def destroy(self, cka_id: bytes) -> None:
+    def destroy(self, cka_id: bytes, *, within: str | None = None) -> None:
         """Destroy every object with this CKA_ID, then confirm by a fresh search.
 
         Raises HsmDestroyUnconfirmed if the token refuses or anything remains. Destroying
-        an id that is already absent succeeds (idempotent)."""
+        an id that is already absent succeeds (idempotent). With `within`, every object
+        with the id must have a label under that prefix, or nothing is destroyed: a
+        CKA_ID read from a database that was tampered with must not reach another
+        tenant's key or a service key."""
         def op(session: Any) -> None:
-            for obj in list(session.get_objects({Attribute.ID: cka_id})):
+            objs = list(session.get_objects({Attribute.ID: cka_id}))
+            if within is not None:
+                for obj in objs:
+                    if not (obj[Attribute.LABEL] or "").startswith(within):
+                        raise HsmDestroyUnconfirmed("refusing to destroy an object outside "
+                                                    "the expected label prefix")
+            for obj in objs:
                 try:
                     obj.destroy()
                 except (p11e.FunctionRejected, p11e.GeneralError, p11e.FunctionFailed,
@@ -481,8 +490,7 @@ class Pkcs11Hsm:
         """One pass over the token: destroy every object whose label starts with the
         prefix or whose CKA_ID is listed; return them. Not a confirmation: follow with
         `find_remaining` (a fresh search)."""
-        if not label_prefix:
-            raise ValueError("refusing to destroy by an empty label prefix")
+        _check_prefix(label_prefix)
         ids = set(cka_ids)
 
         def op(session: Any) -> list[TokenObject]:
@@ -507,8 +515,7 @@ class Pkcs11Hsm:
                        ) -> list[TokenObject]:
         """A fresh search, in a new session (nothing cached answers for the token): the
         objects whose label starts with the prefix or whose CKA_ID is listed."""
-        if not label_prefix:
-            raise ValueError("give a label prefix")
+        _check_prefix(label_prefix)
         ids = set(cka_ids)
         with self._lock:
             self.close()
@@ -607,7 +614,9 @@ _COUNTER_APP = "kms-counter"
 def _matching(session: Any, label_prefix: str, ids: set[bytes]
               ) -> list[tuple[Any, TokenObject]]:
     """Every object of the token, label and CKA_ID read in one call each; those under
-    the prefix or with a listed CKA_ID."""
+    the prefix or with a listed CKA_ID. A listed CKA_ID on an object outside the prefix
+    raises HsmDestroyUnconfirmed: the ids come from the database, and one that names
+    another tenant's key or a service key means the database was tampered with."""
     out = []
     for obj in list(session.get_objects()):
         try:
@@ -616,9 +625,23 @@ def _matching(session: Any, label_prefix: str, ids: set[bytes]
             attrs = {Attribute.LABEL: obj[Attribute.LABEL]}
         label = attrs.get(Attribute.LABEL) or ""
         cka_id = bytes(attrs.get(Attribute.ID) or b"")
-        if label.startswith(label_prefix) or (cka_id and cka_id in ids):
+        if cka_id and cka_id in ids and not label.startswith(label_prefix):
+            raise HsmDestroyUnconfirmed("a recorded CKA_ID names an object outside the "
+                                        "label prefix")
+        if label.startswith(label_prefix):
             out.append((obj, TokenObject(cka_id, label, ObjectClass(obj[Attribute.CLASS]).name)))
     return out
+
+
+_SERVICE_PREFIX = "kms/service/"
+
+
+def _check_prefix(label_prefix: str) -> None:
+    """A prefix that bulk destruction may use: not empty, ends with "/", and not the
+    service's own objects (audit key, its anchor, signing key)."""
+    if not label_prefix or not label_prefix.endswith("/") \
+            or _SERVICE_PREFIX.startswith(label_prefix) or label_prefix.startswith(_SERVICE_PREFIX):
+        raise ValueError("refusing to destroy by this label prefix")
 
 
 def _describe(obj: Any, label: str) -> TokenObject:

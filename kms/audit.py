@@ -273,9 +273,13 @@ class _Anchorer:
                     self._cond.wait(rest_until - time.monotonic())
 
 
+_AUDIT_OBJECTS = "kms/service/audit-"  # the audit key and its anchors
+
+
 class AuditJournal:
-    def __init__(self, *, hsm: Pkcs11Hsm, clock: Clock):
+    def __init__(self, *, hsm: Pkcs11Hsm, clock: Clock, exclusive_token: bool = False):
         self._hsm, self._clock = hsm, clock
+        self._exclusive = exclusive_token
         self._anchorer = _Anchorer(hsm)
         self._audit_key: bytes | None = None
         self._segment: _Segment | None = None
@@ -474,6 +478,22 @@ class AuditJournal:
         """The CKA_ID of the audit key (read once from the database)."""
         return self._key(s)
 
+    def _other_journals(self, key: bytes | None) -> int:
+        """Audit keys and anchors in the token that are not this journal's."""
+        mine = {AUDIT_KEY_LABEL, _anchor_label(key)} if key is not None else set()
+        return sum(1 for o in self._hsm.find_objects(label_prefix=_AUDIT_OBJECTS)
+                   if not (o.label in mine and (o.label != AUDIT_KEY_LABEL or o.cka_id == key)))
+
+    def refuse_second_journal(self) -> None:
+        """`kms init` on a database without an audit key: refused when the token (one
+        journal per token) already holds one, or an anchor. The database that goes with
+        them lost its journal or is not the one made with this token; a new journal
+        would hide that."""
+        if self._exclusive and self._other_journals(None):
+            raise KeyIntegrityError("the token already holds an audit journal's key: this "
+                                    "database is not the one made with this token (restore "
+                                    "it, or use a new token)")
+
     def verify(self, s: Session, anchor: tuple[int, str | None] | None = None
                ) -> VerifyResult:
         """Check that the audit key is the token's, every event's HMAC, the chain, the
@@ -486,6 +506,9 @@ class AuditJournal:
                    for o in self._hsm.find_objects(cka_id=key)):
             return VerifyResult(False, 0, 1, "the audit key named in the database is not "
                                 "the token's")
+        if self._exclusive and self._other_journals(key):
+            return VerifyResult(False, 0, 1, "the token holds another journal's audit key or "
+                                "anchor (this database's journal was replaced)")
         anchored, anchored_link = anchor if anchor is not None else self.read_anchor(key)
         cp = s.get(AuditCheckpoint, 1)
         expected_seq = (cp.first_seq if cp else 1)

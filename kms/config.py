@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # Audit journal (12.6-12.8): kept at least six months; data-plane events on by default.
     audit_retention_days: int = Field(default=183, ge=183)
     audit_data_plane: bool = True
+    # Several databases on one token (test suites only): the token can then not tell a
+    # replaced journal from another database's.
+    token_shared_by_databases: bool = False
     log_file: Path | None = None
     # TLS (10.2): on by default; plain HTTP only with insecure_http on loopback.
     insecure_http: bool = False

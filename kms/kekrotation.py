@@ -27,7 +27,7 @@ from kms.audit import AuditJournal
 from kms.clock import Clock
 from kms.db import Database
 from kms.errors import InvalidState, KeyIntegrityError, ServiceUnavailable
-from kms.keyring import KeyPlace, Keyring
+from kms.keyring import KeyPlace, Keyring, tenant_label_prefix
 from kms.locks import NamedLocks
 from kms.models import AppKey, AppKeyVersion, DeletedVolume, Kek, Tenant, Volume
 from kms.tenants import ERASED, ERASING, load_tenant
@@ -173,7 +173,7 @@ class KekRotation:
             raise KekStillReferenced(f"{remaining} blob(s) still wrapped by generation "
                                      f"{generation}")
         try:
-            self._hsm.destroy(bytes.fromhex(cka_hex))
+            self._hsm.destroy(bytes.fromhex(cka_hex), within=tenant_label_prefix(tenant_id))
         except HsmError as exc:
             raise ServiceUnavailable("the token did not confirm the destruction") from exc
         self._after_step(tenant_id, "destroy")

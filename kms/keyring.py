@@ -12,6 +12,7 @@ copied to another tenant, key, kind or version fails to unwrap.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -40,7 +41,15 @@ class KeyPlace:
                 f"|version={self.version}").encode()
 
 
+_TENANT_ID = re.compile(r"t-[0-9a-f]{16}")
+
+
 def tenant_label_prefix(tenant_id: str) -> str:
+    """`kms/<tenant>/`, for a tenant id of the form the service issues (`t-` and 16 hex
+    digits) only: the id may come from a database row, and a crafted one (say
+    `service/audit-anchor`) must not turn into the prefix of the service's own objects."""
+    if not _TENANT_ID.fullmatch(tenant_id):
+        raise KeyIntegrityError("not a tenant id")
     return f"kms/{tenant_id}/"
 
 

@@ -161,7 +161,10 @@ def service_key_id(session: Any, purpose: str) -> bytes:
     row = session.get(ServiceKey, purpose)
     if row is None:
         raise KeyIntegrityError(f"no {purpose} service key: run `kms init`")
-    return bytes.fromhex(row.cka_id)
+    try:
+        return bytes.fromhex(row.cka_id)
+    except (TypeError, ValueError):
+        raise KeyIntegrityError(f"the {purpose} service key's id is not hexadecimal") from None
 
 
 class Notice(Base):

@@ -51,6 +51,10 @@ class KmsOptions:
     key_version_max_encryptions: int = 2**30
     kek_max_encryptions: int = 2**30
     kek_rotation_days: int = 90
+    # One journal per token (what `kms serve` and the CLI run with: Settings): the token
+    # then tells when a database lost its journal and `kms init` made a new one. Off for
+    # test suites that run several databases on one token.
+    exclusive_token: bool = False
 
 
 class Kms:
@@ -61,7 +65,7 @@ class Kms:
             raise InvalidConfiguration(f"notice_days may only be raised above {MIN_NOTICE_DAYS}")
         self.db, self.hsm, self.clock = db, hsm, clock
         self.keyring = Keyring(hsm=hsm, clock=clock, kek_max_encryptions=opts.kek_max_encryptions)
-        self.audit = AuditJournal(hsm=hsm, clock=clock)
+        self.audit = AuditJournal(hsm=hsm, clock=clock, exclusive_token=opts.exclusive_token)
         self.audit_batcher = AuditBatcher(db=db, journal=self.audit,
                                           enabled=opts.audit_data_plane)
         journal = self.audit
@@ -107,6 +111,8 @@ class Kms:
             for purpose, label in SERVICE_KEY_LABELS.items():
                 row = s.get(ServiceKey, purpose)
                 if row is None:
+                    if purpose == "audit-hmac":
+                        self.audit.refuse_second_journal()
                     generate = {"audit-hmac": self.hsm.generate_hmac_key,
                                 "signing": self.hsm.generate_signing_key,
                                 "secrets-kek": self.hsm.generate_aes_kek}[purpose]
@@ -141,13 +147,19 @@ class Kms:
         if before > self.clock.now() - retention:
             raise InvalidRequest(f"events younger than the retention ({retention.days} days) "
                                  "cannot be purged", field="before")
-        # Purging trusts each event's time: only a journal that verifies is purged
-        # (an edited `ts` would otherwise delete recent events and hide the edit).
-        check = self.audit_verify()
-        if not check.ok:
-            raise InvalidState(f"the journal does not verify (first bad sequence "
-                               f"{check.first_bad_seq}: {check.reason}): purge refused")
+        # Purging trusts each event's time: only a journal that verifies is purged (an
+        # edited `ts` would otherwise delete recent events and hide the edit), and it is
+        # verified inside the purge's own write transaction, which holds the write lock:
+        # no edit can land between the check and the deletion.
+        self.audit.flush_anchor()
+        with self.db.read() as s:
+            key = self.audit.key(s)
+        anchor = self.audit.read_anchor(key)
         with self.db.write() as s:
+            check = self.audit.verify(s, anchor=anchor)
+            if not check.ok:
+                raise InvalidState(f"the journal does not verify (first bad sequence "
+                                   f"{check.first_bad_seq}: {check.reason}): purge refused")
             n = self.audit.purge(s, before=before)
             self.audit.record(s, action="audit.purge", tenant_id=None,
                               object=f"audit:before={before.isoformat()}:deleted={n}")

@@ -40,7 +40,9 @@ def kms_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings(kms_home: Path):  # type: ignore[no-untyped-def]
     from kms.config import load_settings
 
-    return load_settings(None, home=kms_home, max_request_bytes=64 * 1024)
+    # Many databases share this session's token (fresh ones per test).
+    return load_settings(None, home=kms_home, max_request_bytes=64 * 1024,
+                         token_shared_by_databases=True)
 
 
 @pytest.fixture(scope="session")

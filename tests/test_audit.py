@@ -44,6 +44,19 @@ def make_history(k: Kms) -> str:
     return tid
 
 
+def _drop_anchor(k: Kms, label: str) -> None:
+    """Remove the journal's anchor from the token, as the tests' token owner (bulk
+    destruction refuses the service's objects)."""
+    from pkcs11 import Attribute
+
+    def op(session: Any) -> None:
+        for o in list(session.get_objects({Attribute.LABEL: label})):
+            o.destroy()
+
+    k.hsm._run(op)
+    k.hsm._forget_objects()
+
+
 def events(k: Kms) -> list[dict[str, Any]]:
     return k.audit_export()
 
@@ -127,7 +140,8 @@ def test_cli_names_the_first_bad_sequence(fresh, settings, tmp_path) -> None:  #
     with k.db.write() as s:
         s.execute(text("UPDATE audit_events SET object = 'x' WHERE seq = 4"))
     db = tmp_path / "audit.sqlite3"
-    env = {"KMS_HOME": str(settings.home), "KMS_DATABASE_URL": f"sqlite:///{db}"}
+    env = {"KMS_HOME": str(settings.home), "KMS_DATABASE_URL": f"sqlite:///{db}",
+           "KMS_TOKEN_SHARED_BY_DATABASES": "true"}
     r = CliRunner().invoke(main, ["audit", "verify"], env=env)
     assert r.exit_code != 0 and "sequence 4" in r.output, r.output
 
@@ -439,7 +453,7 @@ def test_events_from_before_segments_still_verify(fresh) -> None:  # type: ignor
     from kms.audit import _anchor_label
 
     assert k.audit.flush_anchor()
-    k.hsm.destroy_objects(_anchor_label(key))
+    _drop_anchor(k, _anchor_label(key))
     k.hsm.raise_counter(_anchor_label(key), seq)
     k.audit.forget_segment()
     assert k.audit_verify().ok
@@ -483,7 +497,7 @@ def test_a_segment_key_cannot_forge_the_head(fresh) -> None:  # type: ignore[no-
     assert not result.ok and result.first_bad_seq == seq and "anchor" in str(result.reason)
     from kms.audit import _anchor_label
 
-    k.hsm.destroy_objects(_anchor_label(key))
+    _drop_anchor(k, _anchor_label(key))
     result = k.audit_verify()
     assert not result.ok and result.reason == "head altered" and result.first_bad_seq == seq
 
@@ -624,3 +638,53 @@ def test_no_volume_key_is_released_after_its_deletion_committed(fresh) -> None: 
     assert mine[-1] == ("volume.delete", "volume:vol-0")
     assert ("volume.key_fetch", "volume:vol-0") not in mine
     assert k.audit_verify().ok
+
+
+def test_bulk_destruction_never_reaches_the_service_objects(fresh) -> None:  # type: ignore[no-untyped-def]
+    """Tenant ids and KEK CKA_IDs come from the database: a crafted tenant id cannot make
+    the service's prefix, and a KEK row naming the audit key destroys nothing."""
+    from hsm import HsmDestroyUnconfirmed
+    from kms.errors import KeyIntegrityError
+    from kms.keyring import tenant_label_prefix
+
+    k, _ = fresh
+    tid = make_history(k)
+    with k.db.read() as s:
+        audit_key = k.audit._key(s)
+    with pytest.raises(KeyIntegrityError):
+        tenant_label_prefix("service/audit-anchor")
+    for prefix in ("kms/service/", "kms/", "kms/service/audit-", ""):
+        with pytest.raises(ValueError):
+            k.hsm.destroy_objects(prefix)
+    with pytest.raises(HsmDestroyUnconfirmed):
+        k.hsm.destroy_objects(tenant_label_prefix(tid), [audit_key])
+    with pytest.raises(HsmDestroyUnconfirmed):
+        k.hsm.destroy(audit_key, within=tenant_label_prefix(tid))
+    assert k.audit_verify().ok  # the audit key is still there, and works
+    assert [o.label for o in k.hsm.find_objects(cka_id=audit_key)] == ["kms/service/audit-hmac"]
+
+
+def test_purge_checks_the_journal_in_its_own_write_transaction(fresh) -> None:  # type: ignore[no-untyped-def]
+    """An edit held uncommitted while purge starts, committed while purge waits for the
+    write lock: purge sees it and refuses (one transaction checks and deletes)."""
+    import sqlite3
+    import time as _time
+
+    from kms.errors import InvalidState
+
+    k, _ = fresh
+    make_history(k)
+    n = k.audit_verify().events
+    path = str(k.db.engine.url.database)
+    editor = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
+    editor.execute("BEGIN IMMEDIATE")
+    editor.execute("UPDATE audit_events SET ts = '2000-01-01T00:00:00.000000+00:00' "
+                   "WHERE seq < (SELECT max(seq) FROM audit_events)")
+    threading.Timer(0.5, lambda: editor.execute("COMMIT")).start()
+    started = _time.monotonic()
+    with pytest.raises(InvalidState):
+        k.audit_purge(before=T0 - timedelta(days=400), retention=timedelta(days=183))
+    assert _time.monotonic() - started >= 0.4  # it did wait for the edit to commit
+    editor.close()
+    with k.db.read() as s:
+        assert s.scalar(text("SELECT count(*) FROM audit_events")) == n

@@ -192,3 +192,31 @@ def test_cli_output_cut_short_by_its_reader_is_no_error_line(tmp_path: Path) -> 
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) != 0
     assert "BrokenPipe" not in err and "Traceback" not in err, err
+
+
+def test_a_journal_wiped_with_its_audit_key_row_cannot_be_started_again(tmp_path: Path) -> None:
+    """One journal per token: with the database's journal and audit key row deleted,
+    `kms init` refuses to make a second audit key, and verify fails."""
+    import sqlite3
+
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    subprocess.run([str(SETUP_TOKEN)], env={**env, "KMS_HOME": str(tmp_path)}, check=True,
+                   capture_output=True)
+    _kms(tmp_path, "init")
+    _kms(tmp_path, "tenant", "create", "Wiped SA")
+    assert _kms(tmp_path, "audit", "verify").returncode == 0
+    db = sqlite3.connect(str(tmp_path / "kms.sqlite3"))
+    with db:
+        for table in ("audit_events", "audit_head", "audit_checkpoint"):
+            db.execute(f"DELETE FROM {table}")
+        db.execute("DELETE FROM service_keys WHERE purpose = 'audit-hmac'")
+    db.close()
+    again = _kms(tmp_path, "init", check=False)
+    assert again.returncode != 0 and again.stderr.count("\n") == 1, again.stderr
+    assert "already holds an audit journal" in again.stderr
+    db = sqlite3.connect(str(tmp_path / "kms.sqlite3"))
+    with db:
+        assert db.execute("SELECT count(*) FROM service_keys WHERE purpose = 'audit-hmac'"
+                          ).fetchone() == (0,)
+    db.close()
+    assert _kms(tmp_path, "audit", "verify", check=False).returncode != 0
