@@ -431,21 +431,24 @@ class Pkcs11Hsm:
 
     # -- destruction ----------------------------------------------------------------
 
-    def destroy(self, cka_id: bytes, *, within: str | None = None) -> None:
+    def destroy(self, cka_id: bytes, *, within: str | None = None,
+                label: str | None = None) -> None:
         """Destroy every object with this CKA_ID, then confirm by a fresh search.
 
         Raises HsmDestroyUnconfirmed if the token refuses or anything remains. Destroying
         an id that is already absent succeeds (idempotent). With `within`, every object
         with the id must have a label under that prefix, or nothing is destroyed: a
         CKA_ID read from a database that was tampered with must not reach another
-        tenant's key or a service key."""
+        tenant's key or a service key. With `label`, every such object must carry exactly
+        that label (token labels cannot be modified)."""
         def op(session: Any) -> None:
             objs = list(session.get_objects({Attribute.ID: cka_id}))
-            if within is not None:
-                for obj in objs:
-                    if not (obj[Attribute.LABEL] or "").startswith(within):
-                        raise HsmDestroyUnconfirmed("refusing to destroy an object outside "
-                                                    "the expected label prefix")
+            for obj in objs:
+                found = obj[Attribute.LABEL] or ""
+                if (within is not None and not found.startswith(within)) or \
+                        (label is not None and found != label):
+                    raise HsmDestroyUnconfirmed("refusing to destroy an object that is not "
+                                                "the expected one")
             for obj in objs:
                 try:
                     obj.destroy()

@@ -603,5 +603,14 @@ class AuditJournal:
         return n
 
     @staticmethod
+    def newest_time(s: Session) -> datetime | None:
+        """The time of the last event (the journal's own clock), or None when empty."""
+        ts = s.scalar(select(AuditEvent.ts).order_by(AuditEvent.seq.desc()).limit(1))
+        try:
+            return datetime.fromisoformat(str(ts)) if ts is not None else None
+        except ValueError:
+            return None
+
+    @staticmethod
     def count(s: Session) -> int:
         return int(s.scalar(select(func.count()).select_from(AuditEvent)) or 0)

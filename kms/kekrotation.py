@@ -173,7 +173,11 @@ class KekRotation:
             raise KekStillReferenced(f"{remaining} blob(s) still wrapped by generation "
                                      f"{generation}")
         try:
-            self._hsm.destroy(bytes.fromhex(cka_hex), within=tenant_label_prefix(tenant_id))
+            # The generation's own object only: its label is fixed at creation, and the
+            # row's CKA_ID (from the database) must name it, not the active generation.
+            prefix = tenant_label_prefix(tenant_id)
+            self._hsm.destroy(bytes.fromhex(cka_hex), within=prefix,
+                              label=f"{prefix}kek/{generation}")
         except HsmError as exc:
             raise ServiceUnavailable("the token did not confirm the destruction") from exc
         self._after_step(tenant_id, "destroy")

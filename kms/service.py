@@ -160,6 +160,14 @@ class Kms:
             if not check.ok:
                 raise InvalidState(f"the journal does not verify (first bad sequence "
                                    f"{check.first_bad_seq}: {check.reason}): purge refused")
+            # The retention counts back from the journal's own newest event as well as
+            # from this process's clock, whichever is earlier: a clock moved forward
+            # (faketime) does not make recent events old.
+            newest = self.audit.newest_time(s)
+            if newest is not None and before > newest - retention:
+                raise InvalidRequest(f"events younger than the retention ({retention.days} "
+                                     "days, counted from the newest event) cannot be purged",
+                                     field="before")
             n = self.audit.purge(s, before=before)
             self.audit.record(s, action="audit.purge", tenant_id=None,
                               object=f"audit:before={before.isoformat()}:deleted={n}")

@@ -688,3 +688,63 @@ def test_purge_checks_the_journal_in_its_own_write_transaction(fresh) -> None:  
     editor.close()
     with k.db.read() as s:
         assert s.scalar(text("SELECT count(*) FROM audit_events")) == n
+
+
+def test_a_forged_or_cancelled_notice_row_erases_nothing(fresh) -> None:  # type: ignore[no-untyped-def]
+    """The runner checks the notice the service signed, not the row's columns."""
+    from kms.models import Notice
+
+    k, clock = fresh
+    tid, _callers, _ = populate(k, "forged notice", volumes=1, keys=0)
+    with k.db.write() as s:
+        s.add(Notice(id="n-forged", tenant_id=tid, served_at=T0 - timedelta(days=30),
+                     effective_at=T0 - timedelta(days=1), contract_end=None,
+                     document=b"{}", signature=b"\x00"))
+    outcome = k.erasure.erase(tid)
+    assert outcome.state != "erased"
+    assert k.hsm.find_objects(label_prefix=f"kms/{tid}/")  # its KEK is still there
+    assert k.tenants.show(tid).status != "erased"
+
+    # A real notice, cancelled, then its cancellation undone in the database.
+    other, _c, _ = populate(k, "cancelled notice", volumes=1, keys=0)
+    k.lifecycle.serve_notice(other)
+    k.lifecycle.cancel_notice(other)
+    with k.db.write() as s:
+        s.execute(text("UPDATE notices SET cancelled_at = NULL WHERE tenant_id = :t"),
+                  {"t": other})
+        s.execute(text("UPDATE tenants SET status = 'notice' WHERE id = :t"), {"t": other})
+    clock.advance(timedelta(days=22))
+    assert k.erasure.erase(other).state != "erased"
+    assert k.hsm.find_objects(label_prefix=f"kms/{other}/")
+
+
+def test_kek_rotation_destroys_only_the_generation_its_row_names(fresh) -> None:  # type: ignore[no-untyped-def]
+    """A retiring row that carries the active generation's CKA_ID (in upper case, past the
+    UNIQUE constraint) destroys nothing."""
+    k, _ = fresh
+    tid, callers, _ = populate(k, "rotation guard", volumes=1, keys=0)
+    with k.db.write() as s:
+        active = s.execute(text("SELECT cka_id FROM keks WHERE tenant_id = :t AND "
+                                "state = 'active'"), {"t": tid}).scalar_one()
+        s.execute(text("INSERT INTO keks (tenant_id, generation, cka_id, label, state, "
+                       "encryptions, created_at) VALUES (:t, 0, :c, :l, 'retiring', 0, "
+                       "'2026-01-01 00:00:00')"),
+                  {"t": tid, "c": active.upper(), "l": f"kms/{tid}/kek/0"})
+    with pytest.raises(Exception):  # noqa: B017 - refused, whatever the wrapping
+        k.kek_rotation.rotate(tid, start_new=False)
+    assert k.hsm.find_objects(cka_id=bytes.fromhex(active))
+    assert len(k.volumes.fetch_key(callers["hypervisor"], "vol-0").key.reveal()) == 64
+
+
+def test_purge_counts_the_retention_from_the_newest_event_too(fresh) -> None:  # type: ignore[no-untyped-def]
+    """A clock moved forward (faketime) does not make recent events purgeable."""
+    from kms.errors import InvalidRequest
+
+    k, clock = fresh
+    make_history(k)
+    n = k.audit_verify().events
+    clock.advance(timedelta(days=400))
+    with pytest.raises(InvalidRequest):
+        k.audit_purge(before=T0 + timedelta(days=1), retention=timedelta(days=183))
+    with k.db.read() as s:
+        assert s.scalar(text("SELECT count(*) FROM audit_events")) == n
