@@ -130,8 +130,9 @@ serialized behind one lock shared with the request path's unwraps).
   read per key-fetch event, inside the commit), and the token's anchor now holds the
   chain hash with the sequence (the same token write as before). Off the data plane:
   `kms audit verify` and `kms init` read the labels of the service's objects in the token
-  (one journal per token), and bulk destruction checks the label of every object a
-  recorded CKA_ID names.
+  (one journal per token), bulk destruction checks the label of every object a
+  recorded CKA_ID names, and an erasure verifies the signed notice (one ECDSA
+  verification) before its point of no return.
 - The ceilings now show the in-process HMAC beside the token's, and the CPU time that one
   fsync'd SQLite commit costs the thread that makes it.
 - Nothing else in the service changed; the bench gained `bench/quick.py` and
