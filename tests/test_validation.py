@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import unicodedata
 
@@ -9,6 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from api.tenant_routes import _b64
 from kms.errors import InvalidRequest
 from kms.validation import check_identifier, normalize_tenant_name
 
@@ -90,17 +92,11 @@ def test_command_line_overrides_win_over_the_environment_and_are_validated(monke
 @example("0000==")
 @example("QR==")
 @given(st.one_of(st.text(max_size=64), st.text(alphabet="ABCab+/=019 \n-_", max_size=64),
-                 st.binary(max_size=48).map(lambda b: __import__("base64").b64encode(b)
-                                            .decode())))
+                 st.binary(max_size=48).map(lambda b: base64.b64encode(b).decode())))
 def test_request_base64_is_exactly_the_standard_strict_form(value: str) -> None:
     """The API's base64 (pybase64, for speed) accepts exactly RFC 4648's standard form:
     the alphabet, in quanta of four, padding only to complete the last one, nothing
     after it (stricter than CPython 3.11's strict mode, which lets '0000=' through)."""
-    import base64
-
-    from api.tenant_routes import _b64
-    from kms.errors import InvalidRequest
-
     rfc = re.fullmatch(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?",
                        value)
     expected = base64.b64decode(value) if rfc else None
