@@ -75,18 +75,27 @@ def test_the_encryption_after_the_cap_is_served_by_a_new_version(clocked) -> Non
     assert actions == ["key:key-0:v2:usage-cap"]
 
 
-def test_a_restored_database_cannot_reopen_a_capped_version(clocked, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The token remembers the high-water mark that a database backup forgets."""
-    kms, clock = clocked
-    k = small_cap_kms(kms, clock)
+def test_a_restored_database_cannot_reopen_a_capped_version(kms, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The token remembers the high-water mark that a database backup forgets.
+
+    A database of its own (a restored copy of the session's database would roll back the
+    session's journal, which the token's anchor then refuses), with data-plane events
+    off, so that the backup's journal is whole: this test is about the usage cap."""
+    clock = FixedClock(T0)
+    opts = KmsOptions(key_version_max_encryptions=5, audit_data_plane=False)
+    live = Database(f"sqlite:///{tmp_path / 'live.sqlite3'}")
+    k = Kms(db=live, hsm=kms.hsm, clock=clock, options=opts)
+    k.initialize()
     tid, c, tokens = populate(k, "restored", volumes=0, keys=1)
+    assert k.audit.flush_anchor()
     backup = tmp_path / "before.sqlite3"
-    with sqlite3.connect(str(kms.db.engine.url.database)) as src, sqlite3.connect(backup) as dst:
+    with sqlite3.connect(str(live.engine.url.database)) as src, sqlite3.connect(backup) as dst:
         src.backup(dst)
     assert [k.transit.encrypt(c["app"], "key-0", b"x")[1] for _ in range(5)] == [1] * 5
+    live.dispose()
     restored_db = Database(f"sqlite:///{backup}")
     try:
-        old = small_cap_kms(kms, clock, db=restored_db)
+        old = Kms(db=restored_db, hsm=kms.hsm, clock=clock, options=opts)
         with restored_db.read() as s:
             key = s.scalars(select(AppKey).where(AppKey.tenant_id == tid)).one()
             assert s.get(AppKeyVersion, (key.id, 1)).encryptions == 0  # the backup forgot
@@ -254,7 +263,10 @@ def test_deleted_volume_is_erased_when_its_kek_is_destroyed(clocked, tmp_path) -
     # Before the rotation, the backup still yields the key: that is why it is "pending".
     early = Database(f"sqlite:///{shutil.copy(backup, tmp_path / 'early.sqlite3')}")
     try:
-        k_early = Kms(db=early, hsm=kms.hsm, clock=clock)
+        # Copies of the session's database: they journal nothing (data-plane events off),
+        # or the token's anchor would see the session's journal rolled back.
+        k_early = Kms(db=early, hsm=kms.hsm, clock=clock,
+                      options=KmsOptions(audit_data_plane=False))
         hv = k_early.principals.authenticate(tokens["hypervisor"])
         assert k_early.volumes.fetch_key(hv, "vol-0").key == original
     finally:
@@ -264,7 +276,8 @@ def test_deleted_volume_is_erased_when_its_kek_is_destroyed(clocked, tmp_path) -
     assert done["erasure"]["status"] == "complete"
     restored = Database(f"sqlite:///{backup}")
     try:
-        k_old = Kms(db=restored, hsm=kms.hsm, clock=clock)
+        k_old = Kms(db=restored, hsm=kms.hsm, clock=clock,
+                    options=KmsOptions(audit_data_plane=False))
         hv = k_old.principals.authenticate(tokens["hypervisor"])
         with pytest.raises(KeyIntegrityError):
             k_old.volumes.fetch_key(hv, "vol-0")
