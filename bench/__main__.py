@@ -286,7 +286,7 @@ def peer_phase(peer_python: Path, home: Home, tenant: dict[str, Any], ours: Proc
                                      str(d), "--kmip-port", str(port), "--ours-port",
                                      str(ours.port), "--ours-noaudit-port",
                                      str(ours_noaudit.port), "--ours-ca", str(home.ca),
-                                     "--tokens", str(tokens), "--server-pids",
+                                     "--tokens-file", str(tokens), "--server-pids",
                                      f"pykmip:{server.pid},ours:{ours.pid},"
                                      f"ours-noaudit:{ours_noaudit.pid}", "--seconds",
                                      str(cfg.peer_seconds), "--concurrency",

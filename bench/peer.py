@@ -5,7 +5,7 @@ Runs with the interpreter of bench/.peer-venv (PyKMIP is not a project dependenc
     python -m bench.peer pki    --dir D                  # CA, server and client certs
     python -m bench.peer serve  --dir D --port P         # PyKMIP server on 127.0.0.1
     python -m bench.peer client --dir D --kmip-port P --ours-port Q --ours-ca CA
-                                [--ours-noaudit-port R] --tokens FILE --seconds S
+                                [--ours-noaudit-port R] --tokens-file FILE --seconds S
                                 --concurrency 1,16
 
 The client measures the operations both systems offer with the same harness (Python
@@ -268,7 +268,7 @@ def _run(make: Callable[[int], Any], op: str, concurrency: int, seconds: float,
 def client(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger().setLevel(logging.ERROR)
     d = Path(args.dir)
-    tokens = json.loads(Path(args.tokens).read_text())
+    tokens = json.loads(Path(args.tokens_file).read_text())
     shared: dict[str, Any] = {}
     _Kmip(args.kmip_port, d, shared).prepare()
     results: list[dict[str, Any]] = []
@@ -308,7 +308,7 @@ def main() -> None:
     p.add_argument("--ours-port", type=int, required=True)
     p.add_argument("--ours-noaudit-port", type=int, default=0)
     p.add_argument("--ours-ca", required=True)
-    p.add_argument("--tokens", required=True)
+    p.add_argument("--tokens-file", required=True)
     p.add_argument("--server-pids", default="", help="system:pid,... for CPU readings")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--max-ops", type=int, default=200_000)
