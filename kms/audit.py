@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session
 from hsm import HsmError, Pkcs11Hsm
 from kms.clock import Clock
 from kms.db import Database, rowcount
-from kms.errors import KeyIntegrityError, ServiceUnavailable
+from kms.errors import KeyIntegrityError, KmsError, ServiceUnavailable
 from kms.models import AuditCheckpoint, AuditEvent, AuditHead, service_key_id
 
 GENESIS = "0" * 64
@@ -166,6 +166,13 @@ def _link(body: bytes, mac: str) -> str:
 
 
 @dataclass(frozen=True)
+class Requirement:
+    sql: str
+    params: tuple[Any, ...]
+    missing: KmsError
+
+
+@dataclass(frozen=True)
 class PendingEvent:
     action: str
     tenant_id: str | None
@@ -174,9 +181,9 @@ class PendingEvent:
     actor: str
     request_id: str
     source: str
-    # A query (SQL, parameters) that must still find a row when the event is committed,
-    # under the journal's lock: the release it records is refused otherwise (NotFound).
-    requires: tuple[str, tuple[Any, ...]] | None = None
+    # A row that must still exist when the event is committed, under the journal's
+    # lock; otherwise the event is not written and its waiter gets `requires.missing`.
+    requires: Requirement | None = None
 
 
 @dataclass(frozen=True)
@@ -290,7 +297,7 @@ class AuditJournal:
 
     def pending(self, *, action: str, tenant_id: str | None, object: str = "",
                 outcome: str = "success", actor: str | None = None,
-                requires: tuple[str, tuple[Any, ...]] | None = None) -> PendingEvent:
+                requires: Requirement | None = None) -> PendingEvent:
         ctx = current_context()
         return PendingEvent(action, tenant_id, object, outcome, actor or ctx.actor,
                             ctx.request_id, ctx.source, requires)
@@ -360,7 +367,7 @@ class AuditJournal:
             written = []
             for e in events:
                 if e.requires is not None:
-                    cur.execute(db.sql(e.requires[0]), e.requires[1])
+                    cur.execute(db.sql(e.requires.sql), e.requires.params)
                     written.append(cur.fetchone() is not None)
                 else:
                     written.append(True)
@@ -441,7 +448,7 @@ class AuditJournal:
 
     def _check_anchor(self, key: bytes, head_seq: int, head_hash: str,
                       link_at: Callable[[int], str | None]) -> None:
-        anchored, link = _anchor_mark(self._hsm.read_counter(_anchor_label(key)))
+        anchored, link = self.read_anchor(key)
         if head_seq < anchored:
             log.error("audit journal refuses to append: the database is behind the token's "
                       "anchor (rolled back or truncated); run kms audit verify")
@@ -456,6 +463,15 @@ class AuditJournal:
     def read_anchor(self, key: bytes) -> tuple[int, str | None]:
         """The token's anchor for this journal: (sequence, link hash or None)."""
         return _anchor_mark(self._hsm.read_counter(_anchor_label(key)))
+
+    def anchor_before_snapshot(self, db: Database) -> tuple[int, str | None]:
+        """The anchor to hand to `verify`, read before the caller opens its snapshot:
+        the anchor only ever follows commits, so a snapshot taken after holds every
+        event it covers."""
+        self.flush_anchor()
+        with db.read() as s:
+            key = self._key(s)
+        return self.read_anchor(key)
 
     def forget_segment(self) -> None:
         """Drop the segment key from memory; the next event starts a new segment."""
@@ -473,10 +489,6 @@ class AuditJournal:
         return self._audit_key
 
     # -- reading ------------------------------------------------------------------------
-
-    def key(self, s: Session) -> bytes:
-        """The CKA_ID of the audit key (read once from the database)."""
-        return self._key(s)
 
     def _other_journals(self, key: bytes | None) -> int:
         """Audit keys and anchors in the token that are not this journal's."""

@@ -132,12 +132,7 @@ class Kms:
             return list(self.audit.export(s, tenant_id=tenant_id, since=since))
 
     def audit_verify(self) -> VerifyResult:
-        # The token's anchor first, the snapshot after: the anchor only ever follows
-        # commits, so every event it covers is in a snapshot taken later.
-        self.audit.flush_anchor()
-        with self.db.read() as s:
-            key = self.audit.key(s)
-        anchor = self.audit.read_anchor(key)
+        anchor = self.audit.anchor_before_snapshot(self.db)
         with self.db.read() as s:
             return self.audit.verify(s, anchor=anchor)
 
@@ -151,10 +146,7 @@ class Kms:
         # edited `ts` would otherwise delete recent events and hide the edit), and it is
         # verified inside the purge's own write transaction, which holds the write lock:
         # no edit can land between the check and the deletion.
-        self.audit.flush_anchor()
-        with self.db.read() as s:
-            key = self.audit.key(s)
-        anchor = self.audit.read_anchor(key)
+        anchor = self.audit.anchor_before_snapshot(self.db)
         with self.db.write() as s:
             check = self.audit.verify(s, anchor=anchor)
             if not check.ok:
