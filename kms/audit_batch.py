@@ -13,7 +13,7 @@ from concurrent.futures import Future, InvalidStateError
 from hsm import inline
 from kms.audit import AuditJournal, PendingEvent
 from kms.db import Database
-from kms.errors import KmsError, NotFound, ServiceUnavailable
+from kms.errors import KmsError, ServiceUnavailable
 
 Waiter = Future[None] | asyncio.Future[None]
 MAX_BATCH = 512
@@ -99,9 +99,9 @@ class AuditBatcher:
                 except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                     error = exc
                 _resolve([w for (_, w), ok in zip(batch, written, strict=True) if ok], error)
-                refused = [w for (_, w), ok in zip(batch, written, strict=True) if not ok]
-                if refused:  # deleted meanwhile: the release does not happen
-                    _resolve(refused, NotFound("no such volume", what="volume"))
+                for (event, w), ok in zip(batch, written, strict=True):
+                    if not ok and event.requires is not None:  # gone meanwhile
+                        _resolve([w], event.requires.missing)
                 if error is not None and not isinstance(error, Exception):
                     raise error  # KeyboardInterrupt, SystemExit: after the waiters have it
 

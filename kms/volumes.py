@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kms.audit import AuditJournal
+from kms.audit import AuditJournal, Requirement
 from kms.audit_batch import AuditBatcher
 from kms.caller import ROLE_HYPERVISOR, Caller
 from kms.clock import Clock
@@ -200,7 +200,8 @@ class VolumeService:
         self._batcher.submit(self._audit.pending(
             action="volume.key_fetch", tenant_id=caller.tenant_id,
             object=f"volume:{volume_id}", actor=caller.actor,
-            requires=(_VOLUME_EXISTS, (caller.tenant_id, volume_id))))
+            requires=Requirement(_VOLUME_EXISTS, (caller.tenant_id, volume_id),
+                                 NotFound("no such volume", what="volume"))))
         return released
 
     def delete(self, caller: Caller, volume_id: str) -> dict[str, Any]:
