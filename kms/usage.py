@@ -50,15 +50,18 @@ class UsageLimiter:
         self._refilling: set[Key] = set()
         self._demand: dict[Key, int] = {}  # the largest request seen under each version
 
-    def _size(self, k: Key) -> int:
-        """Counts per block for this version."""
-        return max(self._block, BLOCK_REQUESTS * self._demand.get(k, 0))
+    def _size(self, k: Key, n: int) -> int:
+        """Counts per block for this version, having seen a request of `n` (under the
+        lock)."""
+        demand = max(n, self._demand.get(k, 0))
+        if demand:
+            self._demand[k] = demand
+        return max(self._block, BLOCK_REQUESTS * demand)
 
     def try_take_local(self, tenant_id: str, key_id: int, version: int, n: int) -> bool:
         k = (tenant_id, key_id, version)
         with self._lock:
-            if n > self._demand.get(k, 0):
-                self._demand[k] = n
+            self._size(k, n)
             r = self._ranges.get(k)
             if r is None or r[1] - r[0] < n:
                 spare = self._spares.get(k)
@@ -75,7 +78,7 @@ class UsageLimiter:
         with self._lock:
             r = self._ranges.get(k)
             if r is None or k in self._spares or k in self._refilling \
-                    or r[1] - r[0] >= self._size(k) // 4:
+                    or r[1] - r[0] >= self._size(k, 0) // 4:
                 return False
             self._refilling.add(k)
             return True
@@ -92,9 +95,7 @@ class UsageLimiter:
         label = counter_label(tenant_id, key_name, row.version)
         k = (tenant_id, row.key_id, row.version)
         with self._lock:
-            if n > self._demand.get(k, 0):
-                self._demand[k] = n
-            size = self._size(k)
+            size = self._size(k, n)
         try:
             high = max(row.encryptions, self._hsm.read_counter(label))
             grant = max(n, min(size, self.cap - high))
