@@ -15,26 +15,23 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from hsm import HsmDestroyUnconfirmed, HsmError, Pkcs11Hsm
 from kms import __version__
 from kms.audit import AuditJournal
 from kms.clock import Clock
-from kms.config import MIN_NOTICE_DAYS
 from kms.db import Database, rowcount
 from kms.errors import KeyIntegrityError, KmsError, NotFound, ServiceUnavailable
 from kms.keyring import tenant_label_prefix
-from kms.lifecycle import notice_digest
+from kms.lifecycle import notice_digest, notice_is_genuine
 from kms.locks import NamedLocks
 from kms.models import (
     AppKey,
     AppKeyVersion,
-    AuditEvent,
     Certificate,
     DeletedVolume,
     Erasure,
@@ -182,27 +179,9 @@ class ErasureRunner:
             log.error("erasure failure not recorded", extra={"tenant": tenant_id})
 
     def _check_notice(self, s: Any, tenant_id: str, notice: Notice) -> None:
-        """Before the point of no return, the notice must be the one the service signed
-        and served, for this tenant, due by its own signed dates, and never cancelled:
-        the row's columns are not trusted (a database write must not be able to erase a
-        tenant or shorten its notice)."""
-        try:
-            ok = self._signer.verify(s, bytes(notice.document), bytes(notice.signature))
-            doc = json.loads(bytes(notice.document))
-            served = datetime.fromisoformat(doc["served_at"])
-            due = datetime.fromisoformat(doc["effective_at"])
-            ok = ok and doc.get("kind") == "kms.end-of-contract-notice" \
-                and doc.get("notice_id") == notice.id \
-                and (doc.get("tenant") or {}).get("id") == tenant_id \
-                and due - served >= timedelta(days=max(MIN_NOTICE_DAYS, int(
-                    doc.get("notice_period_days") or 0))) \
-                and due <= self._clock.now()
-        except (ValueError, TypeError, KeyError, AttributeError):
-            ok = False
-        cancelled = s.scalar(select(func.count()).select_from(AuditEvent).where(
-            AuditEvent.tenant_id == tenant_id, AuditEvent.action == "tenant.notice_cancelled",
-            AuditEvent.object == f"notice:{notice.id}"))
-        if not ok or cancelled:
+        """Before the point of no return: the row's columns are not trusted (a database
+        write must not be able to erase a tenant or shorten its notice)."""
+        if not notice_is_genuine(s, self._signer, notice, tenant_id, self._clock.now()):
             log.error("erasure refused: the notice is not a valid, served, uncancelled notice "
                       "signed by this service", extra={"tenant": tenant_id})
             raise KeyIntegrityError("the notice does not verify: erasure refused")

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from kms import __version__
 from kms.audit import AuditJournal
 from kms.clock import Clock, require_aware
+from kms.config import MIN_NOTICE_DAYS
 from kms.db import Database
 from kms.errors import InvalidRequest, InvalidState, NotFound
-from kms.models import AppKey, Notice, Principal, Tenant, Volume
+from kms.models import AppKey, AuditEvent, Notice, Principal, Tenant, Volume
 from kms.signing import SIGNATURE_ALGORITHM, ServiceSigner, canonical_json
 from kms.tenants import (
     ACTIVE,
@@ -226,6 +228,29 @@ def parse_contract_end(value: str | None) -> date | None:
     if parsed.year > 9000:
         raise InvalidRequest("contract end out of range", field="contract_end")
     return parsed
+
+
+def notice_is_genuine(s: Session, signer: ServiceSigner, notice: Notice, tenant_id: str,
+                      now: datetime) -> bool:
+    """The notice is one this service signed (`_notice_document`) for this tenant and
+    this notice id, due by its own signed dates, and its cancellation was never
+    journaled."""
+    try:
+        ok = signer.verify(s, bytes(notice.document), bytes(notice.signature))
+        doc = json.loads(bytes(notice.document))
+        served = datetime.fromisoformat(doc["served_at"])
+        due = datetime.fromisoformat(doc["effective_at"])
+        period = timedelta(days=max(MIN_NOTICE_DAYS, int(doc.get("notice_period_days") or 0)))
+        ok = ok and doc.get("kind") == "kms.end-of-contract-notice" \
+            and doc.get("notice_id") == notice.id \
+            and (doc.get("tenant") or {}).get("id") == tenant_id \
+            and due - served >= period and due <= now
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
+    cancelled = s.scalar(select(func.count()).select_from(AuditEvent).where(
+        AuditEvent.tenant_id == tenant_id, AuditEvent.action == "tenant.notice_cancelled",
+        AuditEvent.object == f"notice:{notice.id}"))
+    return ok and not cancelled
 
 
 def notice_digest(document: bytes) -> str:
