@@ -139,21 +139,100 @@ serialized behind one lock shared with the request path's unwraps).
   `bench/asgi.py`, probes used while working (not part of `make bench`)."""
 
 
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares of y = a + b·n: (a, b)."""
+    if len(points) < 2:
+        return None
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    if not sxx:
+        return None
+    b = sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
+    return my - b * mx, b
+
+
+def _floor(x: _Ctx) -> tuple[str, dict[str, Any]]:
+    """The budget a ratio target leaves per request, and what of it the parts the service
+    cannot do without already take (bench.inproc floor, same run)."""
+    fl = x.res.get("floor") or {}
+    alone, asgi, journal = fl.get("alone", {}), fl.get("asgi", {}), fl.get("journal", {})
+    c = 16
+    cpu_b = x.cpu_ms("bare", c)
+    if not fl or cpu_b is None:
+        return "", {}
+    bare_us = cpu_b * 1e3
+
+    def us(key: str) -> float | None:
+        v = x.cpu_ms(key, c)
+        return v * 1e3 if v is not None else None
+
+    def get(d: dict[str, Any], k: str) -> float | None:
+        return (d.get(k) or {}).get("cpu_us")
+
+    auth = get(alone, "authenticate")
+    rows, facts = [], {}
+    for op, key, target, what in (("encrypt", "encrypt", 0.7, "encrypt 1 KiB"),
+                                  ("keyfetch", "keyfetch", 0.6, "volume key fetch")):
+        on, off, alone_op = us(key), us(f"{key}-noaudit"), get(alone, op)
+        if None in (on, off, alone_op, auth):
+            continue
+        assert on is not None and off is not None and alone_op is not None and auth is not None
+        budget = bare_us * (1 / target - 1)
+        jrnl = on - off
+        floor = auth + alone_op + jrnl
+        added = on - bare_us
+        rest = added - floor
+        facts[op] = {"budget": budget, "floor": floor, "journal": jrnl, "added": added,
+                     "rest": rest, "left": budget - floor, "op": alone_op}
+        rows.append((what, target, budget, auth, alone_op, jrnl, floor, added, rest))
+    if not rows:
+        return "", {}
+    lines = ["| µs of server CPU per request, c=16 | " +
+             " | ".join(f"{r[0]} (target {r[1]:.0%})" for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+
+    def line(label: str, i: int, fmt: Callable[[float], str] = lambda v: _r(v)) -> None:
+        lines.append(f"| {label} | " + " | ".join(fmt(r[i]) for r in rows) + " |")
+
+    line("budget: what the target leaves above the bare endpoint "
+         f"({_r(bare_us)} µs), bare × (1/target − 1)", 2)
+    line("authentication, alone in process (one SQLite read, SHA-256, compare)", 3)
+    line("the operation, alone in process, journal off (encrypt: lookup, usage count, "
+         "AES-GCM; key fetch: lookup and the unwrap in the token)", 4)
+    line("its journal event over HTTP (the same request journal on − off)", 5)
+    line("**floor: the three above**", 6, lambda v: f"**{_r(v)}**")
+    line("measured: what the service adds above the bare endpoint", 7)
+    line("the rest: web layer, wake-ups, everything else (measured − floor)", 8)
+    table = "\n".join(lines)
+
+    def d(a: str, b: str) -> float | None:
+        va, vb = get(asgi, a), get(asgi, b)
+        return va - vb if va is not None and vb is not None else None
+
+    ours = d("service_noop", "bare")
+    inline = d("service_auth", "service_noop")
+    inline_net = inline - auth if inline is not None and auth is not None else None
+    fit = _fit([(float(n), r["cpu_us"]) for n, r in journal.items()])
+    layers = {"bare": get(asgi, "bare"), "ours": ours, "inline": inline,
+              "inline_net": inline_net,
+              "journal_asgi": d("encrypt", "encrypt_audit_off"),
+              "kf_journal_asgi": d("keyfetch", "keyfetch_audit_off"),
+              "fit": fit, "per_event": {n: r.get("cpu_us_per_event")
+                                        for n, r in journal.items()}}
+    return table, {"facts": facts, "layers": layers}
+
+
 def _data_plane(x: _Ctx) -> str:
     c = 16
     bare, enc, kf = x.rate("bare", c), x.rate("encrypt", c), x.rate("keyfetch", c)
     enc_off, kf_off = x.rate("encrypt-noaudit", c), x.rate("keyfetch-noaudit", c)
     sync = x.ratio("bare-sync", "bare", c)
-    sql = x.category("encrypt-gil", "SQLAlchemy")
     fw = (x.category("encrypt-gil", "FastAPI") or 0) + (x.category("encrypt-gil", "uvicorn")
                                                           or 0)
     service = x.category("encrypt-gil", "service code")
-    run_share = x.own("encrypt-gil", "run (api/run.py)")
-    fetch_share = x.own("encrypt-gil", "Database.fetchone")
     writer = x.own("encrypt-gil", "AuditBatcher._run")
-    cpu_b, cpu_e = x.cpu_ms("bare", c), x.cpu_ms("encrypt", c)
-    cpu_off = x.cpu_ms("encrypt-noaudit", c)
-    budget = (cpu_b or 0) * (1 / 0.7 - 1)
     ceil = x.res.get("ceilings") or {}
     hmac = ceil.get("hsm_hmac_sha256")
     hmac_us = _r(1e6 / hmac["rate"], 0) if hmac else "?"
@@ -161,11 +240,74 @@ def _data_plane(x: _Ctx) -> str:
     seg_us = _r(1e6 / seg["rate"], 1) if seg else "?"
     commit = ceil.get("sqlite_commit_fsync") or {}
     commit_cpu = _r(commit.get("cpu_us"), 0)
+    unwrap = ceil.get("hsm_gcm_decrypt_64b") or {}
     r16, k16 = x.ratio("encrypt", "bare", c), x.ratio("keyfetch", "bare", c)
     off16, koff16 = x.ratio("encrypt-noaudit", "bare", c), x.ratio("keyfetch-noaudit", "bare", c)
     r64 = x.ratio("encrypt", "bare", 64)
     k64 = x.ratio("keyfetch", "bare", 64)
     vs_sync = (enc / (bare * sync)) if enc and bare and sync else None
+    table, fl = _floor(x)
+    facts, layers = fl.get("facts", {}), fl.get("layers", {})
+    fit = layers.get("fit")
+    per_event = layers.get("per_event") or {}
+    floor_text = ""
+    if table:
+        verdicts = []
+        for op, name in (("encrypt", "Encrypt"), ("keyfetch", "Key fetch")):
+            f = facts.get(op)
+            if not f:
+                continue
+            share = f["floor"] / f["budget"] if f["budget"] else float("nan")
+            if f["left"] <= 0:
+                verdicts.append(
+                    f"{name}: the floor alone is {_p(share)} of the budget — out of reach "
+                    "while each request waits for its own durable journal event, whatever "
+                    "the web layer costs.")
+            else:
+                verdicts.append(
+                    f"{name}: the floor takes {_p(share)} of the budget, which leaves "
+                    f"{_r(f['left'])} µs per request for the rest; the rest costs "
+                    f"{_r(f['rest'])} µs now, so it would have to shrink "
+                    f"{_r(f['rest'] / f['left'], 1) if f['left'] else '?'}×.")
+        ours, inline_net = layers.get("ours"), layers.get("inline_net")
+        saving = (ours or 0) + max(inline_net or 0, 0)
+        lean = ""
+        if ours is not None:
+            lean = (f" In process (no HTTP server, same core, same run) the service's own "
+                    f"web layer — its middleware, exception handlers and routing table — costs "
+                    f"{_r(ours)} µs a request over the bare app's {_r(layers.get('bare'))}, and "
+                    f"the inline call around the authentication {_r(inline_net)} µs beyond the "
+                    f"authentication itself: a data-plane path that skipped both entirely "
+                    f"would save at most about {_r(saving)} µs, "
+                    + ("less than the shrinking asked above" if all(
+                        f["rest"] - saving > f["left"] for f in facts.values())
+                       else "which would reach the budget only where the rest is within that")
+                    + ".")
+        journal_line = ""
+        if fit:
+            a, b = fit
+            journal_line = (
+                f" The journal's writer, called alone (`AuditJournal.append_direct`, one "
+                f"transaction of n events), costs about {_r(a)} µs of CPU per commit plus "
+                f"{_r(b, 1)} µs per event (least squares over n = "
+                f"{', '.join(per_event)}: per event "
+                f"{' / '.join(_r(v, 0) for v in per_event.values())} µs), the commit being "
+                f"mostly the kernel's share of the fsync ({commit_cpu} µs in the SQLite "
+                "ceiling) and the head's HMAC in the token; in process the journal adds "
+                f"{_r(layers.get('journal_asgi'))} µs to an encrypt and "
+                f"{_r(layers.get('kf_journal_asgi'))} µs to a key fetch, over HTTP "
+                f"{_r(facts.get('encrypt', {}).get('journal'))} and "
+                f"{_r(facts.get('keyfetch', {}).get('journal'))} µs (it also wakes the "
+                "writer thread and the event loop once per commit, and each request awaits "
+                "its future).")
+        floor_text = f"""
+The budget, and what the service cannot do without (`bench.inproc floor`, pinned to the
+server's core in the same run; the journal's share is measured over HTTP):
+
+{table}
+
+{' '.join(verdicts)}{lean}{journal_line}
+"""
     return f"""### 1. Encrypt and volume key fetch against the bare endpoint
 
 At concurrency 16 the bare endpoint (an async route parsing the same body) answers
@@ -176,42 +318,36 @@ With data-plane journal events off: {_r(enc_off)} and {_r(kf_off)} req/s
 Against the same stack with a `def` route (one thread-pool hop, {_p(sync)} of the async
 bare), encrypt is at {_p(vs_sync)}.
 
-Where the time goes: the server is CPU-bound ({x.cpu_range()} of its core at c≥16), so
-throughput is the inverse of CPU per request: about {_r(cpu_b, 3)} ms for the bare endpoint,
-{_r(cpu_off, 3)} ms for encrypt without journal, {_r(cpu_e, 3)} ms with it. 70% of bare leaves
-{_r(budget, 3)} ms per request for everything the service adds. The GIL profile of encrypt
-(c=16): web stack (FastAPI/Starlette/uvicorn/h11) {_r(fw, 0)}%, service code {_r(service, 0)}%
-(of which the inline call `api/run.py:run` with authentication, lookup, AES-GCM and the
-answer {_r(run_share, 0)}%, the two SQLite reads `Database.fetchone` {_r(fetch_share, 0)}%),
-SQLAlchemy {_r(sql, 0)}%, the journal writer thread `AuditBatcher._run` {_r(writer, 0)}% of GIL
-samples. What remains, and what it would take:
+The server is CPU-bound ({x.cpu_range()} of its core at c≥16), so throughput is the inverse
+of CPU per request, and a ratio target is a budget of CPU per request. The GIL profile of
+encrypt (c=16): web stack (FastAPI/Starlette/uvicorn/h11) {_r(fw, 0)}%, service code
+{_r(service, 0)}%, the journal writer thread `AuditBatcher._run` {_r(writer, 0)}% of GIL
+samples (section "Profiles").
+{floor_text}
+What it would take, and why it is not done:
 
-- **The journal's commit.** Each event is canonical JSON, an HMAC in process under its
-  segment's key ({seg_us} µs; it was an HMAC in the token, {hmac_us} µs, see the ceilings)
-  and a row; each batch is four statements and one fsync'd commit. The commit is what is
-  left: it costs the thread that makes it {commit_cpu} µs of CPU (mostly the kernel's
-  share of the fsync on this VM's virtio disk; see the SQLite ceiling), and that CPU is
-  taken from the one core the server is pinned to. Batches stay small because the event
-  loop ends a round with only a few requests: counted with an instrumented writer while
-  building the bench, 1.0 event per commit at c=1, about 2.5 at c=16 and 5-8 at c=64,
-  which is why the journal costs more at 16 than at 64. A longer wait to fill batches
-  (a 1-3 ms window was tried) lowered throughput: the requests then wait for the window
-  while the core sits idle. Left: fewer, larger commits would need more requests in
-  flight per loop round than c=16 gives, or a durable commit that costs less CPU
-  (PostgreSQL's group commit on its own core, an NVMe flush); `synchronous=NORMAL` is
-  not offered (below).
-- **The service's own per-request Python** — one middleware, the inline call, two SQLite
-  reads, AES-GCM, base64, the JSON answer, the journal's wake-ups — is now of the same
-  order as what the bare route costs the stack. Going further means leaving FastAPI's
-  request handling for the data plane (a plain Starlette route that parses with one
-  `pydantic_core` call), or a compiled HTTP parser (`httptools`, `uvloop`) — which would
-  make the bare endpoint faster too, and the ratio no easier.
+- **The journal.** Each event is canonical JSON, an HMAC in process under its segment's
+  key ({seg_us} µs; it was an HMAC in the token, {hmac_us} µs, see the ceilings) and a row;
+  each batch is four statements, the head's HMAC in the token and one fsync'd commit,
+  whose CPU is taken from the one core the server is pinned to. Waiting longer to fill
+  batches (a 1–3 ms window was tried, twice) lowered throughput: the requests then wait
+  while the core sits idle. Cheaper would be a durable commit that costs less CPU
+  (PostgreSQL's group commit on a core of its own, an NVMe flush), or answering before
+  the event is durable — which this service does not do: no key leaves without its event.
+- **Key fetch unwraps in the token on every request** (the SoftHSM ceiling:
+  {_r(unwrap.get('cpu_us'))} µs of CPU per unwrap). A cache of unwrapped volume keys
+  (DESIGN.md allows one, dropped when the tenant changes state) would save at most that
+  per fetch — less than what is missing — and keep every attached volume's key in clear in
+  the service's memory; a hypervisor fetches a key once per attach. Not done.
+- **The web layer.** Leaving FastAPI's request handling for the data plane (a plain ASGI
+  path parsing with one `pydantic_core` call) is bounded by the in-process figures above;
+  a compiled HTTP parser (`httptools`, `uvloop`) would make the bare endpoint faster too,
+  and the ratio no easier.
 - **Concurrency 1 is out of reach by design.** Every request waits for the fsync'd commit
   of its own journal event (p50 {_r(x.sqlite_commit_ms(), 2)} ms for an SQLite commit here, see
   the ceilings) plus two thread wake-ups, against a bare round trip of
   {_r(1000 / (x.rate('bare', 1) or float('nan')), 2)} ms. Relaxing that (SQLite
-  `synchronous=NORMAL`, or answering before the commit) would lose events on a power cut —
-  no key may leave without its event, so it is not offered."""
+  `synchronous=NORMAL`, or answering before the commit) would lose events on a power cut."""
 
 
 def _batch(x: _Ctx) -> str:

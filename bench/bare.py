@@ -61,6 +61,27 @@ def create_bare_app() -> FastAPI:
     return app
 
 
+def add_probe_routes(app: FastAPI) -> None:
+    """Two routes put first in the service's own app, for `bench.inproc floor`: the bare
+    route's work behind the service's middleware, exception handlers and routing table;
+    and the same after authenticating through the service's inline call."""
+    from starlette.responses import JSONResponse
+
+    from api.tenant_routes import as_caller
+
+    async def noop(name: str, body: Body, request: Request) -> JSONResponse:
+        request.headers.get("authorization", "")
+        return JSONResponse(CONSTANT)
+
+    async def auth_only(name: str, body: Body, request: Request) -> Any:
+        return await as_caller(request, lambda _kms, _caller: JSONResponse(CONSTANT))
+
+    app.router.add_api_route("/v1/bench-noop/{name}/encrypt", noop, methods=["POST"])
+    app.router.add_api_route("/v1/bench-auth/{name}/encrypt", auth_only, methods=["POST"])
+    routes = app.router.routes
+    routes[0:0] = [routes.pop(), routes.pop()]  # first, as the data plane's routes are
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")

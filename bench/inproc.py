@@ -5,6 +5,7 @@
     python -m bench.inproc erasure   --sizes 10,1000,10000 --data-mib 1,64,1024 --work-dir D
     python -m bench.inproc populate  --tenants N --active K
     python -m bench.inproc erase-one --tenant T
+    python -m bench.inproc floor     --seconds S
 
 KMS_HOME and SOFTHSM2_CONF come from the environment. Each prints one JSON document on
 stdout. Every loop is bounded in count and in time.
@@ -291,6 +292,96 @@ def erase_one(args: argparse.Namespace) -> dict[str, Any]:
         kms.close()
 
 
+def floor(args: argparse.Namespace) -> dict[str, Any]:
+    """What one data-plane request costs, piece by piece, on the server's core: the parts
+    the service cannot do without, each called alone (the calling thread's CPU), and the
+    layers of the ASGI application, driven in process without an HTTP server (process
+    CPU, every thread: the journal's writer too). Set beside the HTTP figures, they say
+    how much of a ratio target's budget is taken before any web code runs."""
+    import asyncio
+    import base64
+    import gc
+
+    from api.app import create_app
+    from bench.asgi import _drive
+    from bench.bare import add_probe_routes, create_bare_app
+    from kms.audit import AuditContext, audit_context
+    from kms.config import load_settings
+
+    secs = args.seconds
+    kms = _kms()
+    kms.self_test()
+    tid = kms.tenants.create(f"bench floor {os.getpid()}").id
+    tokens = {role: kms.principals.create(tenant_id=tid, role=role,
+                                          name=f"bench-{role}").token
+              for role in ("tenant-admin", "app", "hypervisor")}
+    callers = {role: kms.principals.authenticate(t) for role, t in tokens.items()}
+    kms.appkeys.create(callers["tenant-admin"], name="k", key_type="aes256-gcm")
+    kms.volumes.create(callers["hypervisor"], volume_id="vol-1", cipher="aes-xts-plain64",
+                       key_bits=512)
+    data = os.urandom(1024)
+    out: dict[str, Any] = {"alone": {}, "journal": {}, "asgi": {}}
+    alone = out["alone"]
+    with audit_context(AuditContext(source="127.0.0.1", actor="bench")):
+        alone["authenticate"] = _bounded_rate(
+            lambda: kms.principals.authenticate(tokens["app"]), seconds=secs,
+            max_ops=200_000)
+        kms.audit_batcher.enabled = False  # the operation alone; its journal event below
+        try:
+            alone["encrypt"] = _bounded_rate(
+                lambda: kms.transit.encrypt(callers["app"], "k", data), seconds=secs,
+                max_ops=200_000)
+            alone["keyfetch"] = _bounded_rate(
+                lambda: kms.volumes.fetch_key(callers["hypervisor"], "vol-1"),
+                seconds=secs, max_ops=200_000)
+        finally:
+            kms.audit_batcher.enabled = True
+        # The journal's writer, as the group commit calls it: one transaction of n events.
+        for n in (1, 8, 16, 64):
+            def batch(n: int = n) -> None:
+                kms.audit.append_direct(kms.db, [kms.audit.pending(
+                    action="key.encrypt", tenant_id=tid, object="key:k:v1",
+                    actor=callers["app"].actor) for _ in range(n)])
+            r = _bounded_rate(batch, seconds=secs, max_ops=20_000, chunk=4)
+            r["cpu_us_per_event"] = r["cpu_us"] / n
+            out["journal"][str(n)] = r
+
+    # The layers, in process (bench/asgi.py's driver): the bare app; the service's app
+    # answering the bare route's constant from a route of its own (its middleware,
+    # exception handlers and routing table, nothing else); that route authenticating
+    # through the service's inline call; encrypt with the journal off, and on.
+    settings = load_settings(None)
+    app = create_app(settings, kms)
+    add_probe_routes(app)
+    bare = create_bare_app()
+    body = json.dumps({"plaintext": base64.b64encode(data).decode()}).encode()
+    layers = [("bare", bare, "/v1/keys/k/encrypt", "x", body, True),
+              ("service_noop", app, "/v1/bench-noop/k/encrypt", "x", body, True),
+              ("service_auth", app, "/v1/bench-auth/k/encrypt", tokens["app"], body, True),
+              ("encrypt_audit_off", app, "/v1/keys/k/encrypt", tokens["app"], body, False),
+              ("encrypt", app, "/v1/keys/k/encrypt", tokens["app"], body, True),
+              ("keyfetch_audit_off", app, "/v1/volumes/vol-1/key", tokens["hypervisor"],
+               b"", False),
+              ("keyfetch", app, "/v1/volumes/vol-1/key", tokens["hypervisor"], b"", True)]
+    n = max(300, min(3000, int(3000 * secs / 2)))
+
+    async def run() -> None:
+        for name, a, path, token, b, journal in layers:
+            kms.audit_batcher.enabled = journal
+            await _drive(a, path, token, b, n=300, conc=16)  # warm-up
+            cpus = [(await _drive(a, path, token, b, n=n, conc=16))[0] for _ in range(5)]
+            cpus.sort()
+            out["asgi"][name] = {"cpu_us": cpus[2], "requests": n, "rounds": 5,
+                                 "concurrency": 16}
+        kms.audit_batcher.enabled = True
+
+    gc.collect()
+    gc.freeze()
+    asyncio.run(run())
+    kms.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -312,11 +403,13 @@ def main() -> None:
     p = sub.add_parser("erase-one")
     p.add_argument("--tenant", required=True)
     p.add_argument("--profile", action="store_true", help="run under cProfile")
+    p = sub.add_parser("floor")
+    p.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     if not os.environ.get("KMS_HOME"):
         raise SystemExit("KMS_HOME must name a throwaway bench home")
     fn = {"ceilings": ceilings, "erasure": erasure, "populate": populate,
-          "erase-one": erase_one}[args.cmd]
+          "erase-one": erase_one, "floor": floor}[args.cmd]
     print(json.dumps(fn(args)))
 
 
