@@ -15,12 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from api.deps import KmsDep, TokenDep
+from api.strict_json import StrictJsonRoute
 from kms.audit import current_context
 from kms.errors import InvalidRequest
 from kms.lifecycle import parse_contract_end
 from kms.operators import OperatorCaller
 
-router = APIRouter(prefix="/admin/v1")
+router = APIRouter(prefix="/admin/v1", route_class=StrictJsonRoute)
 
 
 def authenticate_operator(token: TokenDep, kms: KmsDep) -> OperatorCaller:

@@ -6,14 +6,17 @@ Nothing is built at import time; the composition root passes settings and the Km
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from api.context import RequestContext
+from api.deps import bearer
 from api.problems import from_error, language, problem
 from kms.config import Settings
 from kms.errors import KeyIntegrityError, KmsError
@@ -26,7 +29,11 @@ def create_app(settings: Settings, kms: Kms) -> FastAPI:
     """The tenant API (tenant principals only)."""
     from api.tenant_routes import router
 
-    app = _base_app("Tenant KMS — API locataire", settings, kms, openapi="/v1/openapi.json")
+    def credentials(request: Request) -> None:
+        kms.principals.authenticate(bearer(request))
+
+    app = _base_app("Tenant KMS — API locataire", settings, kms, openapi="/v1/openapi.json",
+                    credentials=credentials)
     app.include_router(router)
     return app
 
@@ -35,18 +42,26 @@ def create_admin_app(settings: Settings, kms: Kms) -> FastAPI:
     """The admin API (the provider's operators only), served on its own port."""
     from api.admin_routes import router
 
+    def credentials(request: Request) -> None:
+        if request.url.path != "/admin/v1/login":  # the one route without a session
+            kms.operators.authenticate(bearer(request))
+
     app = _base_app("Tenant KMS — API d'administration", settings, kms,
-                    openapi="/admin/v1/openapi.json")
+                    openapi="/admin/v1/openapi.json", credentials=credentials)
     app.include_router(router)
     return app
 
 
-def _base_app(title: str, settings: Settings, kms: Kms, *, openapi: str) -> FastAPI:
-    app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None, openapi_url=openapi)
+def _base_app(title: str, settings: Settings, kms: Kms, *, openapi: str,
+              credentials: Callable[[Request], None]) -> FastAPI:
+    # No redirect for a trailing slash: Starlette's would point at the Host header's name,
+    # and a client that follows it would resend its body (plaintext) there. A 404 instead.
+    app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None, openapi_url=openapi,
+                  redirect_slashes=False)
     app.state.kms = kms
     app.state.settings = settings
     app.add_middleware(RequestContext, max_bytes=settings.max_request_bytes)
-    _install_problem_handlers(app)
+    _install_problem_handlers(app, credentials)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
@@ -63,7 +78,7 @@ def _base_app(title: str, settings: Settings, kms: Kms, *, openapi: str) -> Fast
     return app
 
 
-def _install_problem_handlers(app: FastAPI) -> None:
+def _install_problem_handlers(app: FastAPI, credentials: Callable[[Request], None]) -> None:
     def lang_of(request: Request) -> str:
         return language(request.headers.get("accept-language"))
 
@@ -75,6 +90,12 @@ def _install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI validates the body before the route authenticates: without valid
+        # credentials the answer is theirs (401), not the body's (a 400 naming a field).
+        try:
+            await run_in_threadpool(credentials, request)
+        except KmsError as refused:
+            return from_error(refused, lang_of(request))
         # Never echo the input: it may be plaintext. Name the first bad field only.
         errors: list[Any] = list(exc.errors())
         field = None

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from api.deps import bearer
 from api.problems import language, status_of
 from api.run import run
+from api.strict_json import StrictJsonRoute
 from kms.audit import current_context
 from kms.caller import ROLE_TENANT_ADMIN, Caller
 from kms.clock import require_aware
@@ -32,7 +33,7 @@ from kms.transit import ItemResult
 
 T = TypeVar("T")
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=StrictJsonRoute)
 
 
 def authenticate(kms: Kms, token: str) -> Caller:

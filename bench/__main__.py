@@ -22,6 +22,7 @@ Phases (each bounded in time and count; all traffic to 127.0.0.1):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -155,6 +156,14 @@ def _setup_tenant(home: Home, server: Proc, run_dir: Path) -> dict[str, Any]:
         paths[name] = bodies / f"{name}.json"
         paths[name].write_text(json.dumps(body, separators=(",", ":")))
     return {**t, "bodies": paths, "ciphertext": enc["ciphertext"]}
+
+
+def _probe_targets(proc: Proc, t: dict[str, Any]) -> dict[str, wrk.Target]:
+    """The probe routes of `bench.bare --service-app`, with encrypt's body and token."""
+    enc = _targets(proc, t)["encrypt"]
+    return {op: dataclasses.replace(enc, name=f"probe-{op}",
+                                    path=enc.path.replace("/v1/keys/", f"/v1/bench-{op}/"))
+            for op in ("noop", "auth")}
 
 
 def _targets(proc: Proc, t: dict[str, Any]) -> dict[str, wrk.Target]:
@@ -483,6 +492,10 @@ def main() -> int:
                                     KMS_AUDIT_DATA_PLANE="false")
         bare_http = start_bare(procs, home, run_dir, "bare-http")
         bare_tls = start_bare(procs, home, run_dir, "bare-tls", tls=True)
+        # The service's own app (middleware, exception handlers, routing table, a process
+        # holding the service) with two probe routes: the bare route's constant, and the
+        # same after authenticating through the inline call (`bench.bare.add_probe_routes`).
+        probe_http = start_bare(procs, home, run_dir, "probe-http", service_app=True)
 
         results["ceilings"] = _inproc(home, run_dir, "ceilings",
                                       ["ceilings", "--seconds", "1" if cfg.quick else "2"],
@@ -495,25 +508,30 @@ def main() -> int:
 
         tg = {"http": _targets(kms_http, tenant), "noaudit": _targets(kms_noaudit, tenant),
               "tls": _targets(kms_tls, tenant), "bare": _targets(bare_http, tenant),
-              "bare-tls": _targets(bare_tls, tenant)}
+              "bare-tls": _targets(bare_tls, tenant), "probe": _probe_targets(probe_http, tenant)}
         R = cfg.reps
         spec_rows = [
             ("bare", "bare endpoint (HTTP ceiling)", bare_http, tg["bare"]["bare"], R, "http"),
+            ("probe-noop", "the service's app, a route answering the bare constant",
+             probe_http, tg["probe"]["noop"], R, "probe"),
+            ("probe-auth", "the same route, after authenticating (inline call)", probe_http,
+             tg["probe"]["auth"], R, "probe"),
             ("encrypt", "encrypt 1 KiB", kms_http, tg["http"]["encrypt"], R, "http"),
             ("keyfetch", "volume key fetch", kms_http, tg["http"]["keyfetch"], R, "http"),
+            # Journal off, right after: the journal's cost per request is on − off.
+            ("encrypt-noaudit", "encrypt 1 KiB", kms_noaudit, tg["noaudit"]["encrypt"], R,
+             "noaudit"),
+            ("keyfetch-noaudit", "volume key fetch", kms_noaudit, tg["noaudit"]["keyfetch"], R,
+             "noaudit"),
             ("bare-sync", "bare, as a `def` route (one thread-pool hop)", bare_http,
              tg["bare"]["bare-sync"], 1, "http"),
             ("batch", "batch encrypt 1000 x 1 KiB", kms_http, tg["http"]["batch"], R, "http"),
             ("decrypt", "decrypt 1 KiB", kms_http, tg["http"]["decrypt"], 1, "http"),
             ("datakey", "datakey 256", kms_http, tg["http"]["datakey"], 1, "http"),
             ("volcreate", "volume create", kms_http, tg["http"]["volcreate"], 1, "http"),
-            ("encrypt-noaudit", "encrypt 1 KiB", kms_noaudit, tg["noaudit"]["encrypt"], 1,
-             "noaudit"),
             ("decrypt-noaudit", "decrypt 1 KiB", kms_noaudit, tg["noaudit"]["decrypt"], 1,
              "noaudit"),
             ("datakey-noaudit", "datakey 256", kms_noaudit, tg["noaudit"]["datakey"], 1,
-             "noaudit"),
-            ("keyfetch-noaudit", "volume key fetch", kms_noaudit, tg["noaudit"]["keyfetch"], 1,
              "noaudit"),
             ("bare-tls", "bare endpoint, TLS", bare_tls, tg["bare-tls"]["bare"], 1, "tls"),
             ("encrypt-tls", "encrypt 1 KiB, TLS", kms_tls, tg["tls"]["encrypt"], 1, "tls"),
@@ -545,7 +563,8 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001 - recorded in the report
                 results["notes"].append(f"peer: {exc}")
                 log(f"peer failed: {exc}")
-        for p in (kms_http, kms_noaudit, kms_tls, kms_tls_noaudit, bare_http, bare_tls):
+        for p in (kms_http, kms_noaudit, kms_tls, kms_tls_noaudit, bare_http, bare_tls,
+                  probe_http):
             procs.stop(p)
 
         # -- phase 5 --

@@ -89,6 +89,13 @@ def main() -> None:
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
     parser.add_argument("--log-file")
+    parser.add_argument("--with-service", action="store_true",
+                        help="also build the service (KMS_HOME) and its apps in this "
+                             "process, idle: the bare route then runs in a process of the "
+                             "service's size")
+    parser.add_argument("--service-app", action="store_true",
+                        help="serve the service's own tenant app (KMS_HOME) with the probe "
+                             "routes of add_probe_routes first, instead of the bare app")
     args = parser.parse_args()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("bench.bare listens on loopback only")
@@ -98,7 +105,25 @@ def main() -> None:
 
     configure_logging("INFO", args.log_file)
     tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    server = _Server(_config(create_bare_app(), args.host, args.port, tls))
+    held: list[Any] = []
+    app: Any = create_bare_app()
+    if args.with_service or args.service_app:
+        from api.app import create_admin_app, create_app
+        from cli.wiring import build_kms
+        from kms.config import load_settings
+
+        settings = load_settings(None)
+        kms = build_kms(settings)
+        kms.self_test()
+        held += [kms, create_app(settings, kms), create_admin_app(settings, kms)]
+        if args.service_app:
+            app = held[1]
+            add_probe_routes(app)
+    server = _Server(_config(app, args.host, args.port, tls))
+    import gc
+
+    gc.collect()
+    gc.freeze()  # as `kms serve` does
     import signal
 
     def _exit(_signum: int, _frame: Any) -> None:

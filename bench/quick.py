@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import wrk
-from bench.__main__ import _setup_tenant, _targets
+from bench.__main__ import _probe_targets, _setup_tenant, _targets
 from bench.common import Home, Processes, start_bare, start_kms
 
 
@@ -39,9 +39,23 @@ def main() -> None:
     try:
         kms = start_kms(procs, home, run_dir, "kms", **extra)
         bare = start_bare(procs, home, run_dir, "bare")
+        big = start_bare(procs, home, run_dir, "bare-big", with_service=True) \
+            if "bare-big" in args.ops else None
         t = _setup_tenant(home, kms, run_dir)
         targets = {**{k: v for k, v in _targets(kms, t).items() if k != "bare"},
                    "bare": _targets(bare, t)["bare"]}
+        if big is not None:
+            targets["bare-big"] = _targets(big, t)["bare"]
+        probe = start_bare(procs, home, run_dir, "probe", service_app=True) \
+            if {"noop", "auth"} & set(args.ops.split(",")) else None
+        if probe is not None:
+            targets.update(_probe_targets(probe, t))
+        off = start_kms(procs, home, run_dir, "kms-noaudit", KMS_AUDIT_DATA_PLANE="false",
+                        **extra) if any(o.endswith("-noaudit") for o in args.ops.split(",")) \
+            else None
+        if off is not None:
+            targets.update({f"{k}-noaudit": v for k, v in _targets(off, t).items()
+                            if k != "bare"})
 
         ops = args.ops.split(",")
         for op in ops:
@@ -52,20 +66,26 @@ def main() -> None:
                      args.profile_conc)
             return
         out: dict[str, dict[int, list[float]]] = {}
+        cpu: dict[str, dict[int, list[float]]] = {}
         for _ in range(args.reps):
             for c in map(int, args.conc.split(",")):
                 for op in ops:
-                    pid = (bare if op == "bare" else kms).pid
+                    pid = (bare if op == "bare" else big if op == "bare-big"
+                           else probe if op in ("noop", "auth")
+                           else off if op.endswith("-noaudit") else kms).pid
                     r = wrk.run([(targets[op], c)], seconds=args.seconds,
                                 scripts_dir=run_dir / "lua", server_pids=[pid],
                                 tag=f"{op}-{c}")
                     out.setdefault(op, {}).setdefault(c, []).append(r.rate * targets[op].unit)
+                    cpu.setdefault(op, {}).setdefault(c, []).append(
+                        r.server_cpu / r.rate * 1e6 if r.rate else float("nan"))
         medians = {op: {c: round(statistics.median(v)) for c, v in by_c.items()}
                    for op, by_c in out.items()}
         shown: dict[str, dict[int, str]] = {}
         for op, by_c in medians.items():
             base = medians.get("bare")
             shown[op] = {c: (f"{v} ({v / base[c]:.0%})" if base and op != "bare" else str(v))
+                         + f", {statistics.median(cpu[op][c]):.0f} us CPU/req"
                          for c, v in by_c.items()}
         print(json.dumps(shown, indent=1))
     finally:

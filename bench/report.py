@@ -119,12 +119,13 @@ def build_table(res: dict[str, Any]) -> Table:
             if bare:
                 t.row("bare endpoint: HTTP ceiling", str(c), per_s(bare), _ms(bare["p50"]),
                       _ms(bare["p99"]), f"server CPU {_pct(bare['server_cpu'])}", "ceiling")
-        for key in ("bare-sync",):
+        for key in ("bare-sync", "probe-noop", "probe-auth"):
             for c in conc:
                 a, bare = agg(http.get(key), c), agg(http.get("bare"), c)
                 if a is not None:
+                    ratio = paired_ratio(http, key, "bare", c) if bare else None
                     t.row(http[key]["label"], str(c), per_s(a), _ms(a["p50"]), _ms(a["p99"]),
-                          f"{_pct(a['rate'] / bare['rate'])} of bare" if bare else "")
+                          f"{_pct(ratio)} of bare" if ratio is not None else "")
         for key, target in (("encrypt", 0.70), ("keyfetch", 0.60), ("decrypt", None),
                             ("datakey", None), ("volcreate", None)):
             for c in conc:
@@ -362,12 +363,13 @@ def write_report(res: dict[str, Any], out: Path, run_dir: Path) -> str:
         f"{_pct(max(wrk_cpu) if wrk_cpu else float('nan'))} of its core, so the load "
         "generator is not the bottleneck; before each run the bench waits until the servers "
         "are idle (requests queued by the previous run drained). The bare endpoint, encrypt, "
-        "key fetch and "
+        "key fetch (each also with the journal off) and "
         f"batch ran {res.get('settings', {}).get('reps', '?')} times, interleaved with "
         "everything else; the table quotes the median throughput, median p50 and median p99, "
         "and a ratio to the bare endpoint is the median of the per-round ratios (in each "
-        "round the bare endpoint, encrypt and key fetch run one after the other, seconds "
-        "apart, so a slowdown of the shared host hits both sides of a ratio). "
+        "round the bare endpoint, encrypt, key fetch and the two with the journal off run one "
+        "after the other, seconds apart, so a slowdown of the shared host hits both sides of "
+        "a ratio). "
         "The other rows ran once.",
         "- Servers: `kms serve` (uvicorn, h11, asyncio, one process) on CPU 0, wrk on CPU 1. "
         "The bare endpoint (`bench/bare.py`) is a FastAPI app on the very same uvicorn "

@@ -75,8 +75,9 @@ def command(fn: F) -> F:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(1)
-        except (OSError, PermissionError) as exc:
-            fail(f"{type(exc).__name__}: {exc}")
+        except OSError as exc:  # a file given on the command line: name it, say why
+            fail(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror
+                 else f"{type(exc).__name__}: {exc}")
     return wrapper  # type: ignore[return-value]
 
 

@@ -29,9 +29,10 @@ from kms.passwords import Argon2Parameters, Passwords
 from kms.principals import DEFAULT_INCOMPATIBLE_ROLES, PrincipalService
 from kms.sealing import Sealer
 from kms.signing import ServiceSigner
-from kms.tenants import TenantService
+from kms.tenants import TenantService, load_tenant
 from kms.transit import TransitService
 from kms.usage import UsageLimiter
+from kms.validation import check_identifier
 from kms.volumes import VolumeService
 
 SERVICE_KEY_LABELS = {"audit-hmac": AUDIT_KEY_LABEL,
@@ -128,7 +129,11 @@ class Kms:
 
     def audit_export(self, *, tenant_id: str | None = None,
                      since: datetime | None = None) -> list[dict[str, Any]]:
+        if tenant_id is not None:
+            check_identifier(tenant_id, field="tenant_id")
         with self.db.read() as s:
+            if tenant_id is not None:
+                load_tenant(s, tenant_id)  # NotFound for a tenant that never existed
             return list(self.audit.export(s, tenant_id=tenant_id, since=since))
 
     def audit_verify(self) -> VerifyResult:

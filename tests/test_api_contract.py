@@ -287,3 +287,54 @@ def test_batch_answers_are_valid_json_whatever_the_strings(values) -> None:  # t
 
     out = json.loads(_batch_json([ItemResult(text, version) for text, version in values]))
     assert out == {"batch_results": [{"ciphertext": t, "key_version": v} for t, v in values]}
+
+
+def test_a_trailing_slash_is_404_not_a_redirect(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """Found by a break-it trial: Starlette answered a trailing slash with a 307 to the
+    Host header's name, which a client following redirects would resend its plaintext
+    to. No redirect, from any route: a 404 problem, as for any unknown path."""
+    app = tenant.auth("app")
+    client.post("/v1/keys", json={"name": "slash"}, headers=tenant.auth("tenant-admin"))
+    for method, path in (("POST", "/v1/keys/slash/encrypt/"), ("GET", "/v1/volumes/"),
+                         ("GET", "/healthz/")):
+        r = client.request(method, path, json={"plaintext": "aGk="},
+                           headers={**app, "host": "evil.example"}, follow_redirects=False)
+        assert r.status_code == 404, (method, path, r.status_code)
+        assert "location" not in r.headers and r.json()["code"] == "not_found"
+
+
+def test_credentials_are_checked_before_the_body(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """DESIGN: missing or invalid credentials answer 401. A bad body from a caller
+    without valid credentials used to get the 400 naming the field, before any 401."""
+    bad_bodies = ({"plaintext": 5}, {"plaintext": "aGk=", "extra": 1})
+    client.post("/v1/keys", json={"name": "order"}, headers=tenant.auth("tenant-admin"))
+    for headers in ({}, {"Authorization": "Bearer p-nobody.secret"},
+                    {"Authorization": f"Bearer {tenant.tokens['app']}x"}):
+        for body in bad_bodies:
+            r = client.post("/v1/keys/order/encrypt", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["code"] == "unauthenticated", r.text
+            assert "field" not in r.json()
+        r = client.post("/v1/keys/order/encrypt", content=b"{not json",
+                        headers={**headers, "content-type": "application/json"})
+        assert r.status_code == 401
+    # With valid credentials the same bodies still get their 400 and its field.
+    r = client.post("/v1/keys/order/encrypt", json=bad_bodies[0], headers=tenant.auth("app"))
+    assert r.status_code == 400 and r.json()["field"] == "plaintext"
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"volume_id": "dup-1", "volume_id": "dup-2"}',
+    b'{"volume_id": "dup-3", "key_bits": 256, "key_bits": 512}',
+    b'{"volume_id": "dup-4", "cipher": {"a": 1, "a": 2}}',
+])
+def test_duplicate_json_keys_are_400_and_change_nothing(client, tenant, raw) -> None:  # type: ignore[no-untyped-def]
+    """Found by a break-it trial: the last duplicate won, so a proxy reading the first
+    saw another request than the one acted on. A body with a duplicate key is refused."""
+    hv = tenant.auth("hypervisor")
+    r = client.post("/v1/volumes", content=raw,
+                    headers={**hv, "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
+    assert client.get("/v1/volumes", headers=hv).json()["volumes"] == []
+    ok = client.post("/v1/volumes", content=b'{"volume_id": "dup-ok"}',
+                     headers={**hv, "content-type": "application/json"})
+    assert ok.status_code == 201

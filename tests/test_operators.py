@@ -268,3 +268,27 @@ def test_failed_logins_do_not_hold_the_database_write_lock(kms) -> None:  # type
     release.set()
     t.join()
     assert elapsed < 2.0, elapsed
+
+
+def test_admin_api_checks_the_session_before_the_body_and_never_redirects(env) -> None:  # type: ignore[no-untyped-def]
+    """As on the tenant API: without a valid session, a bad body is 401 (not the 400
+    naming its field); a trailing slash is a 404 problem, not a 307 to the Host header.
+    Login itself takes no session: its bad bodies stay 400."""
+    k, clock, admin, _tenant_api = env
+    for headers in ({}, {"Authorization": "Bearer os-nobody.secret"}):
+        for body in ({"name": 5}, {"name": "x", "extra": 1}):
+            r = admin.post("/admin/v1/tenants", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["code"] == "unauthenticated", r.text
+    r = admin.post("/admin/v1/login", json={"username": 5})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request"
+    user, totp = new_operator(k)
+    token = login(admin, user, PASSWORD, code(totp, clock)).json()["token"]
+    h = {"Authorization": f"Bearer {token}"}
+    r = admin.post("/admin/v1/tenants", json={"name": 5}, headers=h)
+    assert r.status_code == 400 and r.json()["field"] == "name"
+    r = admin.get("/admin/v1/tenants/", headers={**h, "host": "evil.example"},
+                  follow_redirects=False)
+    assert r.status_code == 404 and "location" not in r.headers
+    r = admin.post("/admin/v1/tenants", content=b'{"name": "a", "name": "b"}',
+                   headers={**h, "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request"

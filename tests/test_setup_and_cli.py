@@ -71,6 +71,15 @@ def test_cli_tenant_and_principal_commands(tmp_path: Path) -> None:
     nobody = _kms(tmp_path, "principal", "create", "--tenant", "t-nothing", "--role", "app",
                   "--name", "x", check=False)
     assert nobody.returncode != 0 and nobody.stderr.count("\n") == 1
+    # Found by a break-it trial: these exited 0 with no output, or named an exception type.
+    for bad, code in (("../x", "invalid_request"), ("t-0000000000000000", "not_found")):
+        r = _kms(tmp_path, "audit", "export", "--tenant", bad, check=False)
+        assert r.returncode == 1 and r.stdout == "" and code in r.stderr, r.stderr
+    assert _kms(tmp_path, "audit", "export", "--tenant", t["id"]).stdout.count("\n") >= 1
+    lone = tmp_path / "lone.json"
+    lone.write_text("{}")
+    r = _kms(tmp_path, "erasure", "verify", str(lone), check=False)
+    assert r.returncode == 1 and r.stderr == f"kms: error: {lone}.sig: No such file or directory\n"
     db = (tmp_path / "kms.sqlite3").read_bytes()
     secret = p["token"].split(".", 1)[1]
     assert secret.encode() not in db
