@@ -88,55 +88,35 @@ def _summary(x: _Ctx, table: Any) -> str:
             "is ahead on every shared operation, journal on. The HTTP data plane reaches "
             "the ratios asked of it only in part: at concurrency 1 every request waits for "
             "its own fsync'd journal commit (by design: no key leaves before its event is "
-            "durable), and at 16 and 64 what remains is the CPU of the journal's fsync'd "
-            "commits on the server's core and the service's own per-request Python "
-            "(section 1). The journal's MACs are now computed in process under a segment "
-            "key derived in the token (section 0).")
+            "durable), and at 16 and 64 the journal costs the event loop more than its own "
+            "work: what the service cannot do without takes part of the budget, the "
+            "journal's wake-ups and hand-offs between its writer thread and the loop take "
+            "more than the rest (section 1).")
 
 
 def _changes(x: _Ctx) -> str:
-    return """### 0. What changed since the previous run (20:23 on 2026-12-03)
+    return """### 0. What changed since the previous run (09:52 on 2026-12-04)
 
-The previous BENCHMARKS.md measured encrypt at 671 / 1,839 / 2,279 req/s (c=1/16/64;
-20% / 50% / 61% of bare), key fetch at 671 / 1,801 / 2,179 (20% / 49% / 58%), and with
-data-plane events off encrypt at 1,885 / 2,021 / 2,254: the journal cost 9% of
-throughput at c=16, and its profile put the writer thread (`AuditBatcher._run`) at 8% of
-the GIL samples, most of it waiting on the token for an HMAC per event and per batch
-(18 µs each in the ceilings when alone, about 34 µs measured under load, as the token is
-serialized behind one lock shared with the request path's unwraps).
+The previous BENCHMARKS.md measured encrypt at 580 / 1,375 / 1,480 req/s (c=1/16/64;
+29% / 47% / 55% of bare) and key fetch at 662 / 1,196 / 1,231 (29% / 43% / 48%), on a host
+about 20% slower (AES-GCM ceiling 559k op/s).
 
-- **Journal MACs in process, under a key derived in the token.** Each event's HMAC-SHA256
-  is now computed in process under the key of its journal *segment*; the token derives
-  that key once per segment (HMAC by the token's audit key of the segment id, which is
-  stored beside every event in the new column `mac_key`). A segment ends after an hour,
-  after 1,000,000 events, and in every new process, so a key held in memory covers a
-  bounded stretch of the journal. `kms audit verify` derives each segment's key again in
-  the token; events written before the change (no segment id) verify by the token's HMAC
-  as before. The head (last sequence and hash) stays the token's own HMAC, on every
-  commit: one token call per batch instead of one per event plus one per batch, and a
-  segment key read out of memory cannot forge the tail.
-- **Blocks of encryption counts grow with the request.** A block now holds at least 16
-  of the largest request seen under its key version; blocks of 4,096 counts lasted four
-  batches of 1,000, and the fifth often found no spare block yet and reserved in the
-  foreground, through the thread pool (8.7% of the GIL samples at c=64 in a py-spy
-  profile of the batch made this morning).
-- **Batch encrypt**: base64 through `pybase64` (SIMD), 3.4× faster to decode and 4× to
-  encode than the standard library in process (a third of a batch's CPU went there), and
-  each ciphertext checked against its alphabet with `bytes.translate` before it is written
-  into the answer (`str.isprintable` was half of writing a 1,000-item answer: 7.1 ms →
-  4.2 ms in process). A new dependency, for a measured reason.
-- **Costs added, for integrity** (found by a break-it trial): a volume key's release is
-  journaled only if the volume still exists under the journal's lock (one primary-key
-  read per key-fetch event, inside the commit), and the token's anchor now holds the
-  chain hash with the sequence (the same token write as before). Off the data plane:
-  `kms audit verify` and `kms init` read the labels of the service's objects in the token
-  (one journal per token), bulk destruction checks the label of every object a
-  recorded CKA_ID names, and an erasure verifies the signed notice (one ECDSA
-  verification) before its point of no return.
-- The ceilings now show the in-process HMAC beside the token's, and the CPU time that one
-  fsync'd SQLite commit costs the thread that makes it.
-- Nothing else in the service changed; the bench gained `bench/quick.py` and
-  `bench/asgi.py`, probes used while working (not part of `make bench`)."""
+- **The bench** gained a floor phase (`bench.inproc floor`): what a data-plane request
+  cannot do without, each part alone on the server's core, the journal's writer at four
+  batch sizes, and the layers of the ASGI application in process. Two rows over HTTP sit
+  between the bare endpoint and encrypt: the service's own app (its middleware, exception
+  handlers, routing table, process) answering the bare constant from a probe route, and
+  the same after authenticating (`bench/bare.py --service-app`). Encrypt and key fetch with
+  the journal off now run in every round, beside the journal-on rows, and each run counts
+  the server's context switches. Section 1 turns each ratio target into a budget of CPU
+  per request and sets those parts against it; it used to quote an event count per commit
+  measured once while building the bench, stale since.
+- **The service**, for a break-it trial's findings: no redirect for a trailing slash
+  (404), credentials checked before the body when the body is invalid (401 instead of a
+  400; on the error path only), and a JSON object with a duplicate key refused
+  (`api/strict_json.py`: the same parser with an `object_pairs_hook`, which cost nothing
+  measurable in process on a 1 KiB body or a 1,000-item batch, plus one `Request` object
+  per request). The data plane is otherwise unchanged."""
 
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
@@ -153,6 +133,15 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
     return my - b * mx, b
 
 
+def _switches_per_request(x: _Ctx, key: str, c: int) -> float | None:
+    runs = ((x.http.get(key) or {}).get("runs") or {})
+    rs = runs.get(c) or runs.get(str(c)) or []
+    vals = [r["extra"]["context_switches"] / r["requests"] for r in rs
+            if r.get("requests") and "context_switches" in (r.get("extra") or {})]
+    vals.sort()
+    return vals[len(vals) // 2] if vals else None
+
+
 def _floor(x: _Ctx) -> tuple[str, dict[str, Any]]:
     """The budget a ratio target leaves per request, and what of it the parts the service
     cannot do without already take (bench.inproc floor, same run)."""
@@ -160,7 +149,8 @@ def _floor(x: _Ctx) -> tuple[str, dict[str, Any]]:
     alone, asgi, journal = fl.get("alone", {}), fl.get("asgi", {}), fl.get("journal", {})
     c = 16
     cpu_b = x.cpu_ms("bare", c)
-    if not fl or cpu_b is None:
+    fit = _fit([(float(n), r["cpu_us"]) for n, r in journal.items()])
+    if not fl or cpu_b is None or fit is None:
         return "", {}
     bare_us = cpu_b * 1e3
 
@@ -176,17 +166,24 @@ def _floor(x: _Ctx) -> tuple[str, dict[str, Any]]:
     for op, key, target, what in (("encrypt", "encrypt", 0.7, "encrypt 1 KiB"),
                                   ("keyfetch", "keyfetch", 0.6, "volume key fetch")):
         on, off, alone_op = us(key), us(f"{key}-noaudit"), get(alone, op)
-        if None in (on, off, alone_op, auth):
+        batch = (asgi.get(op) or {}).get("events_per_commit")
+        if None in (on, off, alone_op, auth, batch):
             continue
-        assert on is not None and off is not None and alone_op is not None and auth is not None
+        assert on is not None and off is not None and alone_op is not None
+        assert auth is not None and batch is not None
         budget = bare_us * (1 / target - 1)
-        jrnl = on - off
-        floor = auth + alone_op + jrnl
+        writer = fit[0] / batch + fit[1]
+        floor = auth + alone_op + writer
+        journal_rest = on - off - writer
         added = on - bare_us
-        rest = added - floor
-        facts[op] = {"budget": budget, "floor": floor, "journal": jrnl, "added": added,
-                     "rest": rest, "left": budget - floor, "op": alone_op}
-        rows.append((what, target, budget, auth, alone_op, jrnl, floor, added, rest))
+        rest = added - floor - journal_rest
+        facts[op] = {"budget": budget, "floor": floor, "journal": on - off, "writer": writer,
+                     "journal_rest": journal_rest, "added": added, "rest": rest,
+                     "left": budget - floor, "batch": batch,
+                     "switches_on": _switches_per_request(x, key, c),
+                     "switches_off": _switches_per_request(x, f"{key}-noaudit", c)}
+        rows.append((what, target, budget, auth, alone_op, writer, floor, journal_rest, rest,
+                     added))
     if not rows:
         return "", {}
     lines = ["| µs of server CPU per request, c=16 | " +
@@ -201,10 +198,14 @@ def _floor(x: _Ctx) -> tuple[str, dict[str, Any]]:
     line("authentication, alone in process (one SQLite read, SHA-256, compare)", 3)
     line("the operation, alone in process, journal off (encrypt: lookup, usage count, "
          "AES-GCM; key fetch: lookup and the unwrap in the token)", 4)
-    line("its journal event over HTTP (the same request journal on − off)", 5)
+    line("its journal event: the writer's own work, alone in process, at the batch size "
+         "measured in process (" + " / ".join(f"{facts[k]['batch']:.1f}" for k in facts) +
+         " events per commit)", 5)
     line("**floor: the three above**", 6, lambda v: f"**{_r(v)}**")
-    line("measured: what the service adds above the bare endpoint", 7)
-    line("the rest: web layer, wake-ups, everything else (measured − floor)", 8)
+    line("the journal's other costs over HTTP (journal on − off − the writer's own work): "
+         "wake-ups, thread hand-offs, a second thread on the core", 7)
+    line("the rest: web layer and everything else (measured − floor − the line above)", 8)
+    line("measured over HTTP: what the service adds above the bare endpoint", 9)
     table = "\n".join(lines)
 
     def d(a: str, b: str) -> float | None:
@@ -214,13 +215,10 @@ def _floor(x: _Ctx) -> tuple[str, dict[str, Any]]:
     ours = d("service_noop", "bare")
     inline = d("service_auth", "service_noop")
     inline_net = inline - auth if inline is not None and auth is not None else None
-    fit = _fit([(float(n), r["cpu_us"]) for n, r in journal.items()])
-    layers = {"bare": get(asgi, "bare"), "ours": ours, "inline": inline,
-              "inline_net": inline_net,
+    layers = {"bare": get(asgi, "bare"), "ours": ours, "inline_net": inline_net,
               "journal_asgi": d("encrypt", "encrypt_audit_off"),
-              "kf_journal_asgi": d("keyfetch", "keyfetch_audit_off"),
-              "fit": fit, "per_event": {n: r.get("cpu_us_per_event")
-                                        for n, r in journal.items()}}
+              "kf_journal_asgi": d("keyfetch", "keyfetch_audit_off"), "fit": fit,
+              "per_event": {n: r.get("cpu_us_per_event") for n, r in journal.items()}}
     return table, {"facts": facts, "layers": layers}
 
 
@@ -248,10 +246,14 @@ def _data_plane(x: _Ctx) -> str:
     vs_sync = (enc / (bare * sync)) if enc and bare and sync else None
     table, fl = _floor(x)
     facts, layers = fl.get("facts", {}), fl.get("layers", {})
+    fe = facts.get("encrypt") or {}
+    floor_share = fe["floor"] / fe["budget"] if fe.get("budget") else None
     fit = layers.get("fit")
     per_event = layers.get("per_event") or {}
     floor_text = ""
     if table:
+        ours, inline_net = layers.get("ours"), layers.get("inline_net")
+        web = (ours or 0) + max(inline_net or 0, 0)
         verdicts = []
         for op, name in (("encrypt", "Encrypt"), ("keyfetch", "Key fetch")):
             f = facts.get(op)
@@ -260,53 +262,44 @@ def _data_plane(x: _Ctx) -> str:
             share = f["floor"] / f["budget"] if f["budget"] else float("nan")
             if f["left"] <= 0:
                 verdicts.append(
-                    f"{name}: the floor alone is {_p(share)} of the budget — out of reach "
+                    f"{name}: the floor alone is {_p(share)} of the budget: out of reach "
                     "while each request waits for its own durable journal event, whatever "
-                    "the web layer costs.")
-            else:
-                verdicts.append(
-                    f"{name}: the floor takes {_p(share)} of the budget, which leaves "
-                    f"{_r(f['left'])} µs per request for the rest; the rest costs "
-                    f"{_r(f['rest'])} µs now, so it would have to shrink "
-                    f"{_r(f['rest'] / f['left'], 1) if f['left'] else '?'}×.")
-        ours, inline_net = layers.get("ours"), layers.get("inline_net")
-        saving = (ours or 0) + max(inline_net or 0, 0)
-        lean = ""
-        if ours is not None:
-            lean = (f" In process (no HTTP server, same core, same run) the service's own "
-                    f"web layer — its middleware, exception handlers and routing table — costs "
-                    f"{_r(ours)} µs a request over the bare app's {_r(layers.get('bare'))}, and "
-                    f"the inline call around the authentication {_r(inline_net)} µs beyond the "
-                    f"authentication itself: a data-plane path that skipped both entirely "
-                    f"would save at most about {_r(saving)} µs, "
-                    + ("less than the shrinking asked above" if all(
-                        f["rest"] - saving > f["left"] for f in facts.values())
-                       else "which would reach the budget only where the rest is within that")
-                    + ".")
-        journal_line = ""
-        if fit:
-            a, b = fit
-            journal_line = (
-                f" The journal's writer, called alone (`AuditJournal.append_direct`, one "
-                f"transaction of n events), costs about {_r(a)} µs of CPU per commit plus "
-                f"{_r(b, 1)} µs per event (least squares over n = "
-                f"{', '.join(per_event)}: per event "
-                f"{' / '.join(_r(v, 0) for v in per_event.values())} µs), the commit being "
-                f"mostly the kernel's share of the fsync ({commit_cpu} µs in the SQLite "
-                "ceiling) and the head's HMAC in the token; in process the journal adds "
-                f"{_r(layers.get('journal_asgi'))} µs to an encrypt and "
-                f"{_r(layers.get('kf_journal_asgi'))} µs to a key fetch, over HTTP "
-                f"{_r(facts.get('encrypt', {}).get('journal'))} and "
-                f"{_r(facts.get('keyfetch', {}).get('journal'))} µs (it also wakes the "
-                "writer thread and the event loop once per commit, and each request awaits "
-                "its future).")
+                    "the rest costs.")
+                continue
+            verdicts.append(
+                f"{name}: the floor takes {_p(share)} of the budget and leaves "
+                f"{_r(f['left'])} µs; the journal's other costs ({_r(f['journal_rest'])} µs) "
+                f"alone are {_r(f['journal_rest'] / f['left'], 1)}× that, and the "
+                f"service's own web layer, measured in process, {_r(web)} µs ("
+                + ("more than what is left even without them" if web > f["left"]
+                   else "which would fit only if the journal's other costs were gone")
+                + ").")
+        sw = [(facts[k]["switches_on"], facts[k]["switches_off"]) for k in facts
+              if facts[k]["switches_on"] is not None and facts[k]["switches_off"] is not None]
+        switches = (f" With the journal on, the server makes {_r(sw[0][0], 1)} context "
+                    f"switches per encrypt (off: {_r(sw[0][1], 2)}): the writer thread and "
+                    "the event loop hand the one core and the GIL to each other for every "
+                    "commit." if sw else "")
+        a, b = fit or (float("nan"), float("nan"))
         floor_text = f"""
 The budget, and what the service cannot do without (`bench.inproc floor`, pinned to the
-server's core in the same run; the journal's share is measured over HTTP):
+server's core in the same run; the journal's other costs are measured over HTTP):
 
 {table}
 
-{' '.join(verdicts)}{lean}{journal_line}
+{' '.join(verdicts)}
+The journal's writer, called alone (`AuditJournal.append_direct`, one transaction of n
+events), costs about {_r(a)} µs of CPU per commit plus {_r(b, 1)} µs per event (least
+squares over n = {', '.join(per_event)}: per event
+{' / '.join(_r(v, 0) for v in per_event.values())} µs); the commit is mostly the kernel's
+share of the fsync ({commit_cpu} µs in the SQLite ceiling) and the head's HMAC in the
+token. Over HTTP the journal costs {_r(facts.get('encrypt', {}).get('journal'))} µs per
+encrypt and {_r(facts.get('keyfetch', {}).get('journal'))} µs per key fetch, in process
+{_r(layers.get('journal_asgi'))} and {_r(layers.get('kf_journal_asgi'))} µs.{switches}
+Committing on the event loop itself instead (no writer thread, the loop blocked for the
+commit) was tried with `bench/quick.py` while writing this: 619 against 614 µs of CPU per
+encrypt at c=16, 536 against 638 at c=64, in one run — no clear gain at 16, and the
+loop then stops for every fsync.
 """
     return f"""### 1. Encrypt and volume key fetch against the bare endpoint
 
@@ -326,14 +319,20 @@ samples (section "Profiles").
 {floor_text}
 What it would take, and why it is not done:
 
-- **The journal.** Each event is canonical JSON, an HMAC in process under its segment's
-  key ({seg_us} µs; it was an HMAC in the token, {hmac_us} µs, see the ceilings) and a row;
-  each batch is four statements, the head's HMAC in the token and one fsync'd commit,
-  whose CPU is taken from the one core the server is pinned to. Waiting longer to fill
-  batches (a 1–3 ms window was tried, twice) lowered throughput: the requests then wait
-  while the core sits idle. Cheaper would be a durable commit that costs less CPU
-  (PostgreSQL's group commit on a core of its own, an NVMe flush), or answering before
-  the event is durable — which this service does not do: no key leaves without its event.
+- **The journal is what misses the targets**, and of its cost the larger part is not its
+  own work. Each event is canonical JSON, an HMAC in process under its segment's key
+  ({seg_us} µs; it was an HMAC in the token, {hmac_us} µs, see the ceilings) and a row;
+  each batch is four statements, the head's HMAC in the token and one fsync'd commit.
+  That work is the floor above ({_p(floor_share)} of encrypt's budget); what does not fit
+  is what a second thread
+  committing beside the event loop on one core costs the loop: wake-ups, futures, GIL and
+  core hand-offs, and the cache it pollutes. Waiting longer to fill batches (a 1–3 ms
+  window, tried twice) lowered throughput, the core then idle; committing on the loop
+  itself is not a clear gain (above). Next, measured first in process with
+  `bench.inproc floor`: fewer hand-offs per commit (one statement instead of four, a
+  connection of the writer's own instead of the pool's), or a writer process of its own
+  fed through a pipe. Answering before the event is durable is not on the list: no key leaves
+  without its event.
 - **Key fetch unwraps in the token on every request** (the SoftHSM ceiling:
   {_r(unwrap.get('cpu_us'))} µs of CPU per unwrap). A cache of unwrapped volume keys
   (DESIGN.md allows one, dropped when the tenant changes state) would save at most that

@@ -265,6 +265,23 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def context_switches(pid: int) -> int:
+    """Context switches (voluntary + involuntary) of every thread of a process so far."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[-1])
+        except (OSError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total
+
+
 def wait_idle(pids: Sequence[int], *, below: float = 0.05, timeout: float = 60.0) -> float:
     """Wait until the processes use less than `below` of a core for two 0.25 s windows in
     a row (a server may still be working through requests queued by the previous run).

@@ -369,10 +369,15 @@ def floor(args: argparse.Namespace) -> dict[str, Any]:
         for name, a, path, token, b, journal in layers:
             kms.audit_batcher.enabled = journal
             await _drive(a, path, token, b, n=300, conc=16)  # warm-up
+            batcher = kms.audit_batcher
+            commits0, events0 = batcher.commits, batcher.committed_events
             cpus = [(await _drive(a, path, token, b, n=n, conc=16))[0] for _ in range(5)]
             cpus.sort()
+            commits = batcher.commits - commits0
             out["asgi"][name] = {"cpu_us": cpus[2], "requests": n, "rounds": 5,
-                                 "concurrency": 16}
+                                 "concurrency": 16,
+                                 "events_per_commit": (batcher.committed_events - events0)
+                                 / commits if commits else None}
         kms.audit_batcher.enabled = True
 
     gc.collect()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import CLIENT_CPUS, LOOPBACK, cpu_seconds, pinned, wait_idle
+from bench.common import CLIENT_CPUS, LOOPBACK, context_switches, cpu_seconds, pinned, wait_idle
 
 _LUA = r"""
 local body_file = "@BODY_FILE@"
@@ -164,6 +164,7 @@ def run(targets: list[tuple[Target, int]], *, seconds: float, scripts_dir: Path,
         url = f"{'https' if target.tls else 'http'}://{LOOPBACK}:{target.port}{target.path}"
         procs.append(_spawn(script, url, conns, seconds, cpus))
     cpu0 = {pid: cpu_seconds(pid) for pid in server_pids}
+    switches0 = sum(context_switches(pid) for pid in server_pids)
     t0 = time.monotonic()
     results = []
     client_cpu = 0.0
@@ -173,6 +174,7 @@ def run(targets: list[tuple[Target, int]], *, seconds: float, scripts_dir: Path,
         client_cpu += cpu
     wall = time.monotonic() - t0
     server_cpu = sum(cpu_seconds(pid) - cpu0[pid] for pid in server_pids)
+    switches = sum(context_switches(pid) for pid in server_pids) - switches0
     requests = sum(r["requests"] for r in results)
     duration = max(r["duration_us"] for r in results) / 1e6
     p50 = (sum(r["p50_us"] * r["requests"] for r in results) / requests) if requests else 0.0
@@ -184,4 +186,4 @@ def run(targets: list[tuple[Target, int]], *, seconds: float, scripts_dir: Path,
                      p99_ms=max(r["p99_us"] for r in results) / 1000, errors=errors,
                      client_cpu=client_cpu / max(duration, 1e-9),
                      server_cpu=server_cpu / max(wall, 1e-9), capped=capped,
-                     extra={"drain_seconds": drained})
+                     extra={"drain_seconds": drained, "context_switches": switches})

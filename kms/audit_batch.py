@@ -36,6 +36,7 @@ class AuditBatcher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self.commits = self.committed_events = 0  # counters, for measurements
 
     def submit(self, event: PendingEvent) -> None:
         """Return once the event is committed; ServiceUnavailable if it cannot be.
@@ -96,6 +97,8 @@ class AuditBatcher:
                 try:
                     written = self._journal.append_direct(self._db,
                                                           [event for event, _ in batch])
+                    self.commits += 1
+                    self.committed_events += sum(written)
                 except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                     error = exc
                 _resolve([w for (_, w), ok in zip(batch, written, strict=True) if ok], error)
