@@ -48,13 +48,15 @@ async def run(fn: Callable[[], T], *, offload: bool = False) -> T:
 
 
 async def _settle(pending: list[Any]) -> None:
-    """Wait for the commit of every journal event submitted inline."""
+    """Wait for the commit of every journal event submitted inline. The batcher bounds the
+    wait of an event loop's futures itself (one timer per round, `AuditBatcher._kick`);
+    a thread's future gets a timeout here."""
     for future in pending:
         try:
-            async with asyncio.timeout(WAIT_SECONDS):
-                if isinstance(future, asyncio.Future):
-                    await future
-                else:
+            if isinstance(future, asyncio.Future):
+                await future
+            else:
+                async with asyncio.timeout(WAIT_SECONDS):
                     await asyncio.wrap_future(future)
         except KmsError:
             raise

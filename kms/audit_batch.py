@@ -26,15 +26,19 @@ class AuditBatcher:
     When to commit: a thread's event wakes the writer at once. Events submitted inline
     on an event loop wake it with a callback scheduled on that loop (`call_soon`), which
     runs once the loop has finished its current round of ready work: every request that
-    round started is in the same commit, and a lone request (c=1) waits for nothing."""
+    round started is in the same commit, and a lone request (c=1) waits for nothing.
+    That callback also sets one timer for the round's requests: any still waiting after
+    WAIT_SECONDS gets ServiceUnavailable, so they need no timeout each."""
 
     def __init__(self, *, db: Database, journal: AuditJournal, enabled: bool = True):
         self._db, self._journal, self.enabled = db, journal, enabled
         self._pending: collections.deque[tuple[PendingEvent, Waiter]] = collections.deque()
         self._wake = threading.Event()
-        self._kick_scheduled = False
+        # Per event loop, the futures of its current round, until its kick runs.
+        self._rounds: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._running = False
         self._pid = 0
         self.commits = self.committed_events = 0  # counters, for measurements
 
@@ -50,14 +54,20 @@ class AuditBatcher:
                 loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             except RuntimeError:  # inline but not on a loop (tests): a thread's future
                 loop = None
-            waiter: Waiter = loop.create_future() if loop is not None else Future()
+            if loop is None:
+                thread_waiter: Future[None] = Future()
+                self._pending.append((event, thread_waiter))
+                inline.defer(thread_waiter)
+                self._wake.set()
+                return
+            waiter = loop.create_future()
             self._pending.append((event, waiter))
             inline.defer(waiter)
-            if loop is None:
-                self._wake.set()
-            elif not self._kick_scheduled:
-                self._kick_scheduled = True
-                loop.call_soon(self._kick)
+            round_ = self._rounds.get(loop)
+            if round_ is None:
+                round_ = self._rounds[loop] = []
+                loop.call_soon(self._kick, loop)
+            round_.append(waiter)
             return
         done: Future[None] = Future()
         self._pending.append((event, done))
@@ -69,22 +79,35 @@ class AuditBatcher:
         except Exception as exc:
             raise ServiceUnavailable("the audit journal cannot be written") from exc
 
-    def _kick(self) -> None:
-        self._kick_scheduled = False
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """End of the loop's round: wake the writer for its events, and bound their wait
+        with one timer for the whole round (not one per request)."""
+        round_ = self._rounds.pop(loop, [])
         self._wake.set()
+        if round_:
+            loop.call_later(WAIT_SECONDS, _expire, round_)
 
     def _ensure_thread(self) -> None:
+        if self._running and self._pid == os.getpid():
+            return
         with self._lock:
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 if self._pid != os.getpid():  # a forked child: the parent's are not ours
                     self._pending, self._wake = collections.deque(), threading.Event()
-                    self._kick_scheduled = False
+                    self._rounds = {}
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, name="audit-batcher",
                                                 daemon=True)
+                self._running = True
                 self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._write_forever()
+        finally:
+            self._running = False
+
+    def _write_forever(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()  # before draining: a later submit wakes the next round
@@ -107,6 +130,13 @@ class AuditBatcher:
                         _resolve([w], event.requires.missing)
                 if error is not None and not isinstance(error, Exception):
                     raise error  # KeyboardInterrupt, SystemExit: after the waiters have it
+
+
+def _expire(futures: list[asyncio.Future[None]]) -> None:
+    """A round's events not committed within WAIT_SECONDS: their requests get a 503."""
+    for f in futures:
+        if not f.done():
+            f.set_exception(ServiceUnavailable("the audit journal cannot be written"))
 
 
 def _resolve(waiters: list[Waiter], exc: BaseException | None) -> None:

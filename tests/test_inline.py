@@ -196,3 +196,43 @@ def test_blocks_grow_with_the_request_so_batches_stay_on_the_loop(settings, kms)
     assert asked_with_left is not None and asked_with_left >= 3 * 4
     assert k.hsm.read_counter(label) >= (2 * BLOCK_REQUESTS + 1) * 4
     k.db.dispose()
+
+
+def test_a_request_on_the_loop_waits_a_bounded_time_for_its_commit(kms, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The batcher bounds the wait of each loop round's requests with one timer (not a
+    timeout per request): a commit that does not come in WAIT_SECONDS is a 503, and the
+    late commit afterwards disturbs nothing. Fault injection wraps the real journal."""
+    from api.run import _settle
+    from kms import audit_batch
+    from kms.audit_batch import AuditBatcher
+
+    release = threading.Event()
+
+    class StuckJournal:  # the real journal, whose commits wait until released
+        def append_direct(self, db: Any, events: Any) -> Any:
+            release.wait(10)
+            return kms.audit.append_direct(db, events)
+
+    monkeypatch.setattr(audit_batch, "WAIT_SECONDS", 0.3)
+    batcher = AuditBatcher(db=kms.db, journal=StuckJournal())  # type: ignore[arg-type]
+    before = _event_count(kms)
+
+    async def request() -> float:
+        with inline.inline() as pending:
+            for n in range(3):  # one round, three requests
+                batcher.submit(kms.audit.pending(action="test.stuck", tenant_id=None,
+                                                 object=f"n:{n}"))
+        assert len(pending) == 3
+        t0 = time.monotonic()
+        for future in pending:
+            with pytest.raises(ServiceUnavailable):
+                await _settle([future])
+        return time.monotonic() - t0
+
+    waited = asyncio.run(request())
+    assert 0.25 < waited < 3
+    release.set()
+    deadline = time.monotonic() + 10
+    while _event_count(kms) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _event_count(kms) == before + 3  # committed late, to nobody's harm
