@@ -99,8 +99,9 @@ def _install_problem_handlers(app: FastAPI, credentials: Callable[[Request], Non
         # Never echo the input: it may be plaintext. Name the first bad field only.
         errors: list[Any] = list(exc.errors())
         field = None
-        if errors:
-            loc = [p for p in errors[0].get("loc", ()) if isinstance(p, str) and p != "body"]
+        if errors and errors[0].get("type") != "json_invalid":  # its loc is an offset
+            # Item positions included: "batch.1.plaintext", as the service's own checks say.
+            loc = [str(p) for p in errors[0].get("loc", ()) if p != "body"]
             field = ".".join(loc) or None
         return problem("invalid_request", lang_of(request), field=field)
 

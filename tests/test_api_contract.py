@@ -338,3 +338,17 @@ def test_duplicate_json_keys_are_400_and_change_nothing(client, tenant, raw) -> 
     ok = client.post("/v1/volumes", content=b'{"volume_id": "dup-ok"}',
                      headers={**hv, "content-type": "application/json"})
     assert ok.status_code == 201
+
+
+def test_a_bad_batch_item_is_named_with_its_position(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """Found by a final check: a wrongly typed item was named "batch.plaintext" while a
+    bad base64 item is "batch.1.plaintext"; both now name the position."""
+    app = tenant.auth("app")
+    client.post("/v1/keys", json={"name": "items"}, headers=tenant.auth("tenant-admin"))
+    for item in ({"plaintext": 5}, {"plaintext": "!!"}):
+        r = client.post("/v1/keys/items/encrypt",
+                        json={"batch": [{"plaintext": "aGk="}, item]}, headers=app)
+        assert r.status_code == 400 and r.json()["field"] == "batch.1.plaintext", r.text
+    r = client.post("/v1/keys/items/encrypt", content=b'{"batch": [',
+                    headers={**app, "content-type": "application/json"})
+    assert r.status_code == 400 and "field" not in r.json()
