@@ -88,10 +88,22 @@ def _summary(x: _Ctx, table: Any) -> str:
             "is ahead on every shared operation, journal on. The HTTP data plane reaches "
             "the ratios asked of it only in part: at concurrency 1 every request waits for "
             "its own fsync'd journal commit (by design: no key leaves before its event is "
-            "durable), and at 16 and 64 the journal costs the event loop more than its own "
-            "work: what the service cannot do without takes part of the budget, the "
-            "journal's wake-ups and hand-offs between its writer thread and the loop take "
-            "more than the rest (section 1).")
+            "durable); at 16 and 64, " + _floor_summary(x) + " (section 1).")
+
+
+def _floor_summary(x: _Ctx) -> str:
+    _table, fl = _floor(x)
+    facts = fl.get("facts") or {}
+    parts = [f"{_p(f['floor'] / f['budget'])} of {name}'s budget (what comes on top costs "
+             f"{_r((f['journal_rest'] + f['rest']) / f['left'], 1)}× what that leaves)"
+             for name, f in (("encrypt", facts.get("encrypt")),
+                             ("key fetch", facts.get("keyfetch")))
+             if f and f["budget"] and f["left"] > 0]
+    if not parts:
+        return "what the service cannot do without already takes the budget"
+    return ("what the service cannot do without (authentication, the operation, the "
+            "journal writer's own work) takes " + " and ".join(parts) + "; what comes on "
+            "top is the journal's cost beyond its own work and the rest of the request path")
 
 
 def _changes(x: _Ctx) -> str:
