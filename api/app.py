@@ -27,10 +27,10 @@ log = logging.getLogger("kms.api")
 
 def create_app(settings: Settings, kms: Kms) -> FastAPI:
     """The tenant API (tenant principals only)."""
-    from api.tenant_routes import router
+    from api.tenant_routes import authenticate, router
 
     def credentials(request: Request) -> None:
-        kms.principals.authenticate(bearer(request))
+        authenticate(kms, bearer(request))  # as the routes do
 
     app = _base_app("Tenant KMS — API locataire", settings, kms, openapi="/v1/openapi.json",
                     credentials=credentials)
@@ -40,11 +40,11 @@ def create_app(settings: Settings, kms: Kms) -> FastAPI:
 
 def create_admin_app(settings: Settings, kms: Kms) -> FastAPI:
     """The admin API (the provider's operators only), served on its own port."""
-    from api.admin_routes import router
+    from api.admin_routes import authenticate_operator, login, router
 
     def credentials(request: Request) -> None:
-        if request.url.path != "/admin/v1/login":  # the one route without a session
-            kms.operators.authenticate(bearer(request))
+        if request.scope.get("endpoint") is not login:  # the one route without a session
+            authenticate_operator(bearer(request), kms)  # as OperatorDep does
 
     app = _base_app("Tenant KMS — API d'administration", settings, kms,
                     openapi="/admin/v1/openapi.json", credentials=credentials)
