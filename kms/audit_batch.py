@@ -84,8 +84,9 @@ class AuditBatcher:
         with one timer for the whole round (not one per request)."""
         round_ = self._rounds.pop(loop, [])
         self._wake.set()
-        if round_:
-            loop.call_later(WAIT_SECONDS, _expire, round_)
+        if round_:  # any still waiting then: a 503 (done ones are left alone)
+            loop.call_later(WAIT_SECONDS, _resolve_on_loop, round_,
+                            ServiceUnavailable("the audit journal cannot be written"))
 
     def _ensure_thread(self) -> None:
         if self._running and self._pid == os.getpid():
@@ -130,13 +131,6 @@ class AuditBatcher:
                         _resolve([w], event.requires.missing)
                 if error is not None and not isinstance(error, Exception):
                     raise error  # KeyboardInterrupt, SystemExit: after the waiters have it
-
-
-def _expire(futures: list[asyncio.Future[None]]) -> None:
-    """A round's events not committed within WAIT_SECONDS: their requests get a 503."""
-    for f in futures:
-        if not f.done():
-            f.set_exception(ServiceUnavailable("the audit journal cannot be written"))
 
 
 def _resolve(waiters: list[Waiter], exc: BaseException | None) -> None:
