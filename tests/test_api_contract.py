@@ -340,6 +340,19 @@ def test_duplicate_json_keys_are_400_and_change_nothing(client, tenant, raw) -> 
     assert ok.status_code == 201
 
 
+def test_a_duplicate_key_inside_a_batch_item_is_400(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """Nested, and with values the model accepts (so only the duplicate can refuse it)."""
+    app = tenant.auth("app")
+    client.post("/v1/keys", json={"name": "dupitem"}, headers=tenant.auth("tenant-admin"))
+    raw = b'{"batch": [{"plaintext": "aGk=", "plaintext": "aGk="}]}'
+    r = client.post("/v1/keys/dupitem/encrypt", content=raw,
+                    headers={**app, "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
+    ok = client.post("/v1/keys/dupitem/encrypt", content=raw.replace(b', "plaintext": "aGk="', b""),
+                     headers={**app, "content-type": "application/json"})
+    assert ok.status_code == 200
+
+
 def test_a_bad_batch_item_is_named_with_its_position(client, tenant) -> None:  # type: ignore[no-untyped-def]
     """Found by a final check: a wrongly typed item was named "batch.plaintext" while a
     bad base64 item is "batch.1.plaintext"; both now name the position."""
