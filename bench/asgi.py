@@ -76,6 +76,15 @@ async def _drive(app: Any, path: str, token: str, body: bytes, *, n: int, conc: 
     return cpu / n * 1e6, n / wall
 
 
+async def measure(app: Any, path: str, token: str, body: bytes, *, n: int, conc: int,
+                  rounds: int) -> tuple[float, float]:
+    """Median over `rounds` of (CPU µs per request, requests per second), after a
+    warm-up of 300 requests."""
+    await _drive(app, path, token, body, n=300, conc=conc)
+    runs = [await _drive(app, path, token, body, n=n, conc=conc) for _ in range(rounds)]
+    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=3000)
@@ -120,15 +129,9 @@ def main() -> None:
         names = [args.only] if args.only else list(ops)
         for name in names:
             a, path, token, body = ops[name]
-            await _drive(a, path, token, body(), n=300, conc=args.conc)  # warm-up
-            cpus, rates = [], []
-            for _ in range(args.rounds):
-                cpu, rate = await _drive(a, path, token, body(), n=args.requests,
-                                         conc=args.conc)
-                cpus.append(cpu)
-                rates.append(rate)
-            out[name] = {"cpu_us_per_request": round(statistics.median(cpus), 1),
-                         "requests_per_s": round(statistics.median(rates))}
+            cpu, rate = await measure(a, path, token, body(), n=args.requests,
+                                      conc=args.conc, rounds=args.rounds)
+            out[name] = {"cpu_us_per_request": round(cpu, 1), "requests_per_s": round(rate)}
         return out
 
     gc.collect()

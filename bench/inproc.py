@@ -133,13 +133,13 @@ def ceilings(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _tenant(kms: Any, name: str, roles: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+def _tenant(kms: Any, name: str, roles: tuple[str, ...]
+            ) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """A tenant with a principal of each role: (id, callers, tokens) by role."""
     t = kms.tenants.create(name)
-    callers = {}
-    for role in roles:
-        token = kms.principals.create(tenant_id=t.id, role=role, name=f"bench-{role}").token
-        callers[role] = kms.principals.authenticate(token)
-    return t.id, callers
+    tokens = {role: kms.principals.create(tenant_id=t.id, role=role,
+                                          name=f"bench-{role}").token for role in roles}
+    return t.id, {role: kms.principals.authenticate(tk) for role, tk in tokens.items()}, tokens
 
 
 def _offboard_and_erase(kms: Any, clock: Any, tenant_id: str) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def erasure(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"volume_keys": [], "data_volume": []}
     deadline = time.monotonic() + args.max_seconds
     for n in args.sizes:
-        tid, callers = _tenant(kms, f"bench erasure {n} volumes", ("hypervisor",))
+        tid, callers, _ = _tenant(kms, f"bench erasure {n} volumes", ("hypervisor",))
         hv = callers["hypervisor"]
         t0 = time.perf_counter()
         for i in range(n):
@@ -184,7 +184,7 @@ def erasure(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     chunk = os.urandom(1 << 20)
     for mib in args.data_mib:
-        tid, callers = _tenant(kms, f"bench erasure {mib} MiB", ("tenant-admin", "app"))
+        tid, callers, _ = _tenant(kms, f"bench erasure {mib} MiB", ("tenant-admin", "app"))
         kms.appkeys.create(callers["tenant-admin"], name="data", key_type="aes256-gcm")
         path = work / f"data-{mib}MiB.kms"
         t0 = time.perf_counter()
@@ -303,7 +303,7 @@ def floor(args: argparse.Namespace) -> dict[str, Any]:
     import gc
 
     from api.app import create_app
-    from bench.asgi import _drive
+    from bench.asgi import measure
     from bench.bare import add_probe_routes, create_bare_app
     from kms.audit import AuditContext, audit_context
     from kms.config import load_settings
@@ -311,11 +311,8 @@ def floor(args: argparse.Namespace) -> dict[str, Any]:
     secs = args.seconds
     kms = _kms()
     kms.self_test()
-    tid = kms.tenants.create(f"bench floor {os.getpid()}").id
-    tokens = {role: kms.principals.create(tenant_id=tid, role=role,
-                                          name=f"bench-{role}").token
-              for role in ("tenant-admin", "app", "hypervisor")}
-    callers = {role: kms.principals.authenticate(t) for role, t in tokens.items()}
+    tid, callers, tokens = _tenant(kms, f"bench floor {os.getpid()}",
+                                   ("tenant-admin", "app", "hypervisor"))
     kms.appkeys.create(callers["tenant-admin"], name="k", key_type="aes256-gcm")
     kms.volumes.create(callers["hypervisor"], volume_id="vol-1", cipher="aes-xts-plain64",
                        key_bits=512)
@@ -367,14 +364,12 @@ def floor(args: argparse.Namespace) -> dict[str, Any]:
 
     async def run() -> None:
         for name, a, path, token, b, journal in layers:
-            kms.audit_batcher.enabled = journal
-            await _drive(a, path, token, b, n=300, conc=16)  # warm-up
             batcher = kms.audit_batcher
+            batcher.enabled = journal
             commits0, events0 = batcher.commits, batcher.committed_events
-            cpus = [(await _drive(a, path, token, b, n=n, conc=16))[0] for _ in range(5)]
-            cpus.sort()
+            cpu, _rate = await measure(a, path, token, b, n=n, conc=16, rounds=5)
             commits = batcher.commits - commits0
-            out["asgi"][name] = {"cpu_us": cpus[2], "requests": n, "rounds": 5,
+            out["asgi"][name] = {"cpu_us": cpu, "requests": n, "rounds": 5,
                                  "concurrency": 16,
                                  "events_per_commit": (batcher.committed_events - events0)
                                  / commits if commits else None}
