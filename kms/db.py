@@ -132,14 +132,13 @@ class Database:
         """A DB-API cursor in a write transaction (BEGIN IMMEDIATE on SQLite), committed
         on success and rolled back on any exception. Never on an event loop."""
         inline.may_block()
-        with self._writer():
-            with self._raw_transaction() as cur:
-                yield cur
+        with self._writer(), self._raw_transaction() as cur:
+            yield cur
 
     @contextmanager
     def _raw_transaction(self) -> Iterator[Any]:
         try:
-            conn = self.engine.raw_connection()
+            conn = self._sqlite_writer() if self.is_sqlite else self.engine.raw_connection()
         except self._dbapi_errors as exc:
             raise ServiceUnavailable("the database is unavailable") from exc
         try:
@@ -152,16 +151,41 @@ class Database:
             else:
                 conn.commit()
         except self._integrity_errors:
-            _abort(conn)
+            self._abort_raw(conn)
             raise  # a constraint: the caller says which (e.g. "volume exists")
         except self._dbapi_errors as exc:
-            _abort(conn)
+            self._abort_raw(conn)
             raise ServiceUnavailable("the database is unavailable") from exc
         except BaseException:
-            _abort(conn)
+            self._abort_raw(conn)
             raise
         finally:
-            conn.close()
+            if not self.is_sqlite:
+                conn.close()  # back to the pool
+
+    def _sqlite_writer(self) -> sqlite3.Connection:
+        """This thread's SQLite connection for DB-API writes, opened on first use and
+        again after a fork: the journal's writer commits hundreds of times a second, and
+        a pool checkout and return cost it more than its statements."""
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "writer", None)
+        if conn is None or local.writer_pid != os.getpid():
+            conn = sqlite3.connect(self.engine.url.database or "", isolation_level=None,
+                                   check_same_thread=True, timeout=30)
+            _sqlite_pragmas(conn)
+            local.writer, local.writer_pid = conn, os.getpid()
+        return conn
+
+    def _abort_raw(self, conn: Any) -> None:
+        if not self.is_sqlite:
+            _abort(conn)
+            return
+        try:
+            conn.rollback()  # sqlite3 rolls back an open transaction even in autocommit mode
+        except Exception:  # noqa: BLE001 - the connection is given up: the next opens anew
+            self._local.writer = None
+            with contextlib.suppress(Exception):
+                conn.close()
 
     @property
     def integrity_error(self) -> type[BaseException]:
@@ -207,10 +231,12 @@ class Database:
             return False
 
     def dispose(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()  # this thread's reader; other threads' close with their thread
-        self._local.conn = None
+        local = self._local
+        for name, pid in (("conn", "pid"), ("writer", "writer_pid")):
+            conn = getattr(local, name, None)
+            if conn is not None and getattr(local, pid) == os.getpid():
+                conn.close()  # this thread's; other threads' close with their thread
+            setattr(local, name, None)
         self.engine.dispose()
 
 
@@ -219,12 +245,7 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event emit BEGIN itself (pysqlite's own is deferred).
         dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA synchronous=FULL")
-        cur.close()
+        _sqlite_pragmas(dbapi_conn)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
@@ -232,6 +253,17 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")
+
+
+def _sqlite_pragmas(conn: Any) -> None:
+    """Every connection that may write: WAL, the busy timeout, foreign keys, and an fsync
+    at every commit (synchronous=FULL: a committed journal event survives a power cut)."""
+    cur = conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.close()
 
 
 def _abort(conn: Any) -> None:

@@ -750,3 +750,37 @@ def test_purge_counts_the_retention_from_the_newest_event_too(fresh) -> None:  #
         k.audit_purge(before=T0 + timedelta(days=1), retention=timedelta(days=183))
     with k.db.read() as s:
         assert s.scalar(text("SELECT count(*) FROM audit_events")) == n
+
+
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=st.integers(min_value=0, max_value=2**62), ts=_text, actor=_text,
+       tenant=st.none() | _text, action=_text, obj=_text, outcome=_text, request_id=_text,
+       source=_text, prev_hash=_text)
+def test_the_writers_event_encoding_is_canonical_json_byte_for_byte(
+        seq: int, ts: str, actor: str, tenant: str | None, action: str, obj: str,
+        outcome: str, request_id: str, source: str, prev_hash: str) -> None:
+    """What the writer MACs is exactly what verify recomputes (quotes, escapes, unicode)."""
+    from kms.audit import canonical, canonical_event
+
+    body = {"seq": seq, "ts": ts, "actor": actor, "tenant": tenant, "action": action,
+            "object": obj, "outcome": outcome, "request_id": request_id, "source": source,
+            "prev_hash": prev_hash}
+    assert canonical_event(seq, ts, actor, tenant, action, obj, outcome, request_id, source,
+                           prev_hash) == canonical(body)
+
+
+def test_a_failed_raw_write_rolls_back_and_the_next_one_commits(fresh) -> None:  # type: ignore[no-untyped-def]
+    """The writer's own connection leaves no open transaction behind a failure."""
+    k, _ = fresh
+    before = len(events(k))
+    with pytest.raises(RuntimeError), k.db.raw_write() as cur:
+        cur.execute("DELETE FROM audit_events")
+        raise RuntimeError("crash in the middle")
+    assert len(events(k)) == before
+    k.audit.append_direct(k.db, [k.audit.pending(action="key.encrypt", tenant_id=None,
+                                                 object="key:k:v1")])
+    assert len(events(k)) == before + 1
+    assert k.audit_verify().ok
