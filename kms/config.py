@@ -87,7 +87,8 @@ class Settings(BaseSettings):
     @classmethod
     def _notice_upward_only(cls, v: int) -> int:
         if v < MIN_NOTICE_DAYS:
-            raise ValueError(f"notice_days must be at least {MIN_NOTICE_DAYS} (it may only be raised)")
+            raise ValueError(f"notice_days must be at least {MIN_NOTICE_DAYS} "
+                             "(it may only be raised)")
         return v
 
     @classmethod

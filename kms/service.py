@@ -63,7 +63,8 @@ class Kms:
                  options: KmsOptions | None = None):
         opts = options or KmsOptions()
         if opts.notice_days < MIN_NOTICE_DAYS:
-            raise InvalidConfiguration(f"notice_days must be at least {MIN_NOTICE_DAYS} (it may only be raised)")
+            raise InvalidConfiguration(f"notice_days must be at least {MIN_NOTICE_DAYS} "
+                                       "(it may only be raised)")
         self.db, self.hsm, self.clock = db, hsm, clock
         self.keyring = Keyring(hsm=hsm, clock=clock, kek_max_encryptions=opts.kek_max_encryptions)
         self.audit = AuditJournal(hsm=hsm, clock=clock, exclusive_token=opts.exclusive_token)
