@@ -185,9 +185,14 @@ def _link(body: bytes, mac: str) -> str:
 
 @dataclass(frozen=True)
 class Requirement:
+    """What must still hold when a release's event is committed, read under the journal's
+    lock (so after every state change whose own event came before): `sql` with `params`
+    returns at most one row, and `check(row)` raises the KmsError the caller then gets
+    instead of its answer (the event is not written), or returns."""
+
     sql: str
     params: tuple[Any, ...]
-    missing: KmsError
+    check: Callable[[tuple[Any, ...] | None], None]
 
 
 @dataclass(frozen=True)
@@ -199,8 +204,8 @@ class PendingEvent:
     actor: str
     request_id: str
     source: str
-    # A row that must still exist when the event is committed, under the journal's
-    # lock; otherwise the event is not written and its waiter gets `requires.missing`.
+    # What must still hold when the event is committed; otherwise the event is not
+    # written and its waiter gets the error `requires.check` raised.
     requires: Requirement | None = None
 
 
@@ -351,26 +356,28 @@ class AuditJournal:
         except (SQLAlchemyError, HsmError, KeyIntegrityError) as exc:
             raise ServiceUnavailable("the audit journal cannot be written") from exc
 
-    def append_direct(self, db: Database, events: list[PendingEvent]) -> list[bool]:
+    def append_direct(self, db: Database, events: list[PendingEvent]
+                      ) -> list[KmsError | None]:
         """`append` in a transaction of its own, in plain DB-API (the group commit of the
         data plane: four statements a batch instead of SQLAlchemy's unit of work).
-        Returns, for each event, whether it was written: an event whose `requires` finds
-        no row once the journal is locked is left out (its release must not happen)."""
+        Returns, for each event, None when it was written, or the error of its
+        `requires` once the journal is locked: that event is left out (its release must
+        not happen)."""
         with db.raw_write() as cur:
-            mark, written = self._append(cur, db, events)
+            mark, refused = self._append(cur, db, events)
         if mark is not None:
             self.anchor(mark)
-        return written
+        return refused
 
     def append_cursor(self, cur: Any, db: Database, events: list[PendingEvent]) -> Mark:
         """Append inside the caller's `db.raw_write()` transaction; returns the new head,
         which the caller passes to `anchor` once the transaction committed."""
-        mark, written = self._append(cur, db, events)
-        assert mark is not None and all(written)
+        mark, refused = self._append(cur, db, events)
+        assert mark is not None and not any(refused)
         return mark
 
     def _append(self, cur: Any, db: Database, events: list[PendingEvent]
-                ) -> tuple[Mark | None, list[bool]]:
+                ) -> tuple[Mark | None, list[KmsError | None]]:
         try:
             if self._audit_key is None:
                 with db.read() as s:
@@ -383,16 +390,24 @@ class AuditJournal:
             head = _Head(*found) if found is not None else None
             # Checked under the journal's lock: a deletion that committed its own event
             # before this batch took the lock is seen here (PostgreSQL: read committed).
-            written = []
+            refused: list[KmsError | None] = []
+            asked_rows: dict[tuple[str, tuple[Any, ...]], tuple[Any, ...] | None] = {}
             for e in events:
+                refused.append(None)
                 if e.requires is not None:
-                    cur.execute(db.sql(e.requires.sql), e.requires.params)
-                    written.append(cur.fetchone() is not None)
-                else:
-                    written.append(True)
-            events = [e for e, w in zip(events, written, strict=True) if w]
+                    # Requests for the same key or volume ask the same: read it once.
+                    asked = (e.requires.sql, e.requires.params)
+                    if asked not in asked_rows:
+                        cur.execute(db.sql(asked[0]), asked[1])
+                        row = cur.fetchone()
+                        asked_rows[asked] = None if row is None else tuple(row)
+                    try:
+                        e.requires.check(asked_rows[asked])
+                    except KmsError as exc:
+                        refused[-1] = exc
+            events = [e for e, r in zip(events, refused, strict=True) if r is None]
             if not events:
-                return None, written
+                return None, refused
 
             def link_at(n: int) -> str | None:
                 cur.execute(db.sql("SELECT prev_hash FROM audit_events WHERE seq = ?"), (n,))
@@ -407,7 +422,7 @@ class AuditJournal:
             else:
                 cur.execute(db.sql("UPDATE audit_head SET seq = ?, hash = ?, mac = ? "
                                    "WHERE id = 1"), (seq, prev, head_mac))
-            return (seq, prev), written
+            return (seq, prev), refused
         except (HsmError, KeyIntegrityError) as exc:
             raise ServiceUnavailable("the audit journal cannot be written") from exc
 

@@ -117,18 +117,19 @@ class AuditBatcher:
                 while self._pending and len(batch) < MAX_BATCH:
                     batch.append(self._pending.popleft())
                 error: BaseException | None = None
-                written = [True] * len(batch)
+                refused: list[KmsError | None] = [None] * len(batch)
                 try:
-                    written = self._journal.append_direct(self._db,
+                    refused = self._journal.append_direct(self._db,
                                                           [event for event, _ in batch])
                     self.commits += 1
-                    self.committed_events += sum(written)
+                    self.committed_events += refused.count(None)
                 except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                     error = exc
-                _resolve([w for (_, w), ok in zip(batch, written, strict=True) if ok], error)
-                for (event, w), ok in zip(batch, written, strict=True):
-                    if not ok and event.requires is not None:  # gone meanwhile
-                        _resolve([w], event.requires.missing)
+                _resolve([w for (_, w), r in zip(batch, refused, strict=True) if r is None],
+                         error)
+                for (_, w), r in zip(batch, refused, strict=True):
+                    if r is not None:  # what its release needed no longer holds
+                        _resolve([w], r)
                 if error is not None and not isinstance(error, Exception):
                     raise error  # KeyboardInterrupt, SystemExit: after the waiters have it
 

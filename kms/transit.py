@@ -8,6 +8,7 @@ against its version's cap (`kms.usage`); at the cap a new version takes over.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -21,8 +22,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kms import aead
-from kms.appkeys import COMPROMISED, DECRYPTABLE, REWRAPPABLE, AppKeyService, get_key, key_place
-from kms.audit import AuditJournal
+from kms.appkeys import (
+    ACTIVE,
+    COMPROMISED,
+    DEACTIVATED,
+    DECRYPTABLE,
+    REWRAPPABLE,
+    AppKeyService,
+    get_key,
+    key_place,
+)
+from kms.audit import AuditJournal, Requirement
 from kms.audit_batch import AuditBatcher
 from kms.caller import ROLE_APP, Caller
 from kms.db import Database
@@ -105,6 +115,39 @@ _LOOKUP = ("SELECT t.status, t.epoch, k.id, k.enabled, k.latest_version, "
 _TENANT_STATUS = "SELECT status FROM tenants WHERE id = ?"
 _VERSION = ("SELECT version, state, wrapped_key, kek_generation FROM app_key_versions "
             "WHERE key_id = ? AND version = ?")
+SEALABLE = (ACTIVE, DEACTIVATED)  # a rotation between the seal and its event changes nothing
+
+
+@functools.lru_cache(maxsize=64)
+def _still_usable_sql(versions: int, states: int) -> str:
+    return ("SELECT t.status, k.enabled, k.min_decryption_version, "
+            "(SELECT COUNT(*) FROM app_key_versions v WHERE v.key_id = k.id AND v.version "
+            f"IN ({', '.join('?' * versions)}) AND v.state IN ({', '.join('?' * states)})) "
+            "FROM app_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.id = ?")
+
+
+def _still_usable(key_id: int, versions: Sequence[int], allowed: tuple[str, ...], *,
+                  min_applies: bool) -> Requirement:
+    """What a success's event requires under the journal's lock: the tenant still usable,
+    the key still enabled, every version it used still in `allowed` (and, for what was
+    decrypted, not below the minimum). A state change that committed its own event first
+    refuses the release, as it would have refused the request."""
+    vs = tuple(sorted(set(versions)))
+    sql = _still_usable_sql(len(vs), len(allowed))
+
+    def check(row: tuple[object, ...] | None) -> None:
+        if row is None:
+            raise NotFound("no such key", what="key")
+        status, enabled, min_decryption, usable = row
+        require_usable_status(str(status))
+        if not enabled:
+            raise KeyDisabled("key is disabled")
+        if min_applies and vs[0] < int(str(min_decryption)):
+            raise KeyVersionUnavailable("version below min_decryption_version")
+        if usable != len(vs):
+            raise KeyVersionUnavailable("version no longer usable")
+
+    return Requirement(sql, (*vs, *allowed, key_id), check)
 
 
 class _KeyCache:
@@ -216,7 +259,8 @@ class TransitService:
         version, blob = aead.parse_ciphertext(ciphertext)
         old = self._opener(caller, name, version, REWRAPPABLE)
         plaintext = self._open(old, name, version, blob, context, caller, "key.rewrap")
-        [result] = self._seal_all(caller, name, [(plaintext, context)], action="key.rewrap")
+        [result] = self._seal_all(caller, name, [(plaintext, context)], action="key.rewrap",
+                                  opened=version)
         assert isinstance(result.value, str) and result.version is not None
         return result.value, result.version
 
@@ -286,26 +330,34 @@ class TransitService:
         if not batch and failures:
             self._journal(caller, "key.decrypt", f"key:{name}", "failure")
             return results
+        opened = [r.version for r in results if r.error is None and r.version is not None]
         self._journal(caller, "key.decrypt", f"key:{name}" + _count(len(items), batch),
-                      "success" if not failures else f"partial:{failures}")
+                      "success" if not failures else f"partial:{failures}",
+                      requires=_still_usable(key.key_id, opened, DECRYPTABLE,
+                                             min_applies=True) if opened else None)
         return results
 
     # -- internals ----------------------------------------------------------------------
 
     def _seal_all(self, caller: Caller, name: str, items: list[tuple[bytes, bytes]], *,
-                  action: str, batch: bool = False) -> list[ItemResult]:
+                  action: str, batch: bool = False, opened: int | None = None
+                  ) -> list[ItemResult]:
+        """Seal under the latest version; `opened`: the version a rewrap decrypted."""
         check_identifier(name, field="name")
-        version, cipher = self._reserve(caller, name, len(items))
+        key_id, version, cipher = self._reserve(caller, name, len(items))
         out = []
         prefix = aead.app_aad_prefix(key_name=name, version=version)
         for plaintext, context in items:
             blob = aead.seal(cipher, plaintext, aad=aead.app_aad_with(prefix, context))
             out.append(ItemResult(aead.format_ciphertext(version, blob), version))
+        requires = _still_usable(key_id, [version], SEALABLE, min_applies=False) \
+            if opened is None else _still_usable(key_id, [opened, version], REWRAPPABLE,
+                                                 min_applies=True)
         self._journal(caller, action, f"key:{name}:v{version}" + _count(len(items), batch),
-                      "success")
+                      "success", requires=requires)
         return out
 
-    def _reserve(self, caller: Caller, name: str, n: int) -> tuple[int, AESGCM]:
+    def _reserve(self, caller: Caller, name: str, n: int) -> tuple[int, int, AESGCM]:
         """The latest usable version with `n` encryptions reserved under it; rotates the
         key when its latest version has reached the cap."""
         found, latest = self._lookup(caller, name, None)
@@ -314,7 +366,7 @@ class TransitService:
         if self._limiter.try_take_local(found.tenant_id, found.key_id, latest.version, n):
             if self._limiter.wants_refill(found.tenant_id, found.key_id, latest.version):
                 self._refill_in_background(found, latest.version)
-            return latest.version, self._cipher(found, latest)
+            return found.key_id, latest.version, self._cipher(found, latest)
         with self._db.write() as s:
             tenant, key = self._usable(s, caller, name)
             # The row lock serializes replicas reserving under the same version.
@@ -332,7 +384,7 @@ class TransitService:
                                              n=n):
                     raise InvalidRequest("batch larger than a key version may encrypt",
                                          field="batch")
-            return row.version, self._cipher(_Key.of(tenant, key), _Version.of(row), s)
+            return key.id, row.version, self._cipher(_Key.of(tenant, key), _Version.of(row), s)
 
     def _refill_in_background(self, key: _Key, version: int) -> None:
         """Reserve the next block of counts off the request path (one worker thread)."""
@@ -438,10 +490,11 @@ class TransitService:
             self._cache.put(cache_key, cipher)
         return cipher
 
-    def _journal(self, caller: Caller, action: str, obj: str, outcome: str) -> None:
+    def _journal(self, caller: Caller, action: str, obj: str, outcome: str, *,
+                 requires: Requirement | None = None) -> None:
         self._batcher.submit(self._audit.pending(action=action, tenant_id=caller.tenant_id,
                                                  object=obj, outcome=outcome,
-                                                 actor=caller.actor))
+                                                 actor=caller.actor, requires=requires))
 
 
 def _check_batch(items: Sequence[object]) -> None:

@@ -6,6 +6,7 @@ token; only the wrapped blob is stored. Fetching the key unwraps it for the call
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,7 +21,13 @@ from kms.audit_batch import AuditBatcher
 from kms.caller import ROLE_HYPERVISOR, Caller
 from kms.clock import Clock
 from kms.db import Database
-from kms.errors import AlreadyExists, InvalidRequest, KeyIntegrityError, NotFound
+from kms.errors import (
+    AlreadyExists,
+    InvalidRequest,
+    KeyIntegrityError,
+    NotFound,
+    ServiceUnavailable,
+)
 from kms.keyring import KeyPlace, Keyring
 from kms.models import DeletedVolume, Kek, Volume
 from kms.secret import SecretBytes
@@ -62,7 +69,7 @@ def _place(tenant_id: str, volume_id: str) -> KeyPlace:
 
 
 _FETCH = ("SELECT t.status, v.volume_id, v.cipher, v.key_bits, v.wrapped_key, k.cka_id, "
-          "k.state FROM tenants t "
+          "k.state, v.created_at FROM tenants t "
           "LEFT JOIN volumes v ON v.tenant_id = t.id AND v.volume_id = ? "
           "LEFT JOIN keks k ON k.tenant_id = t.id AND k.generation = v.kek_generation "
           "WHERE t.id = ?")
@@ -70,6 +77,13 @@ _FETCH = ("SELECT t.status, v.volume_id, v.cipher, v.key_bits, v.wrapped_key, k.
 
 _TENANT_FOR_CREATE = "SELECT status FROM tenants WHERE id = ?"
 _VOLUME_EXISTS = "SELECT 1 FROM volumes WHERE tenant_id = ? AND volume_id = ?"
+# A key release's event is committed only if, under the journal's lock, the tenant is
+# still usable and the volume is still the one whose key was read: same creation time
+# and same wrapped key (a volume deleted and created again under the same id is another
+# volume with another key; a KEK rotation rewraps the same key meanwhile: retry).
+_STILL_RELEASABLE = ("SELECT t.status, v.created_at, v.wrapped_key FROM tenants t "
+                     "LEFT JOIN volumes v ON v.tenant_id = t.id AND v.volume_id = ? "
+                     "WHERE t.id = ?")
 _CURRENT_KEK = ("SELECT generation, cka_id, encryptions FROM keks "
                 "WHERE tenant_id = ? AND state = 'active' ORDER BY generation DESC LIMIT 1")
 _COUNT_KEK_USE = ("UPDATE keks SET encryptions = encryptions + 1 "
@@ -184,7 +198,7 @@ class VolumeService:
         row = self._db.fetchone(self._db.sql(_FETCH), (volume_id, caller.tenant_id))
         if row is None:
             raise NotFound("no such tenant")
-        status, found, cipher, key_bits, wrapped, kek_cka_id, kek_state = row
+        status, found, cipher, key_bits, wrapped, kek_cka_id, kek_state, created_at = row
         require_usable_status(status)
         if found is None:
             raise NotFound("no such volume", what="volume")
@@ -200,8 +214,9 @@ class VolumeService:
         self._batcher.submit(self._audit.pending(
             action="volume.key_fetch", tenant_id=caller.tenant_id,
             object=f"volume:{volume_id}", actor=caller.actor,
-            requires=Requirement(_VOLUME_EXISTS, (caller.tenant_id, volume_id),
-                                 NotFound("no such volume", what="volume"))))
+            requires=Requirement(_STILL_RELEASABLE, (volume_id, caller.tenant_id),
+                                 functools.partial(_still_releasable, created_at,
+                                                   bytes(wrapped)))))
         return released
 
     def delete(self, caller: Caller, volume_id: str) -> dict[str, Any]:
@@ -254,3 +269,17 @@ class VolumeService:
                           "kek_generation": record.kek_generation,
                           "complete_by": due.isoformat()}
         return out
+
+
+def _still_releasable(created_at: Any, wrapped: bytes, row: tuple[Any, ...] | None) -> None:
+    """The check of `_STILL_RELEASABLE`: raises as `fetch_key` would now."""
+    if row is None:
+        raise NotFound("no such tenant")
+    status, now_created_at, now_wrapped = row
+    require_usable_status(status)
+    if now_created_at is None or now_created_at != created_at:
+        raise NotFound("no such volume", what="volume")
+    if bytes(now_wrapped) != wrapped:
+        # The same creation time but another blob: rewrapped by a KEK rotation, or (only
+        # within one clock tick) created again. Either way this key is not released now.
+        raise ServiceUnavailable("the volume's key changed meanwhile; retry")

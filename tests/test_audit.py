@@ -784,3 +784,97 @@ def test_a_failed_raw_write_rolls_back_and_the_next_one_commits(fresh) -> None: 
                                                  object="key:k:v1")])
     assert len(events(k)) == before + 1
     assert k.audit_verify().ok
+
+
+def _just_before_the_event(k: Kms, change: Any) -> Any:
+    """Make `change` (another request's state change, committed with its own event) run
+    after the operation read its state and before its release's event is submitted."""
+    batcher = k.audit_batcher
+    real = batcher.submit
+
+    def submit(event: Any) -> None:
+        batcher.submit = real  # type: ignore[method-assign]
+        if event.outcome == "success":
+            change()
+        real(event)
+
+    batcher.submit = submit  # type: ignore[method-assign]
+    return real
+
+
+@pytest.mark.parametrize("change, refused", [
+    ("delete_and_create_again", "NotFound"), ("suspend", "TenantSuspended"),
+])
+def test_a_volume_key_is_not_released_past_a_change_committed_before_its_event(
+        fresh, change: str, refused: str) -> None:  # type: ignore[no-untyped-def]
+    """A volume deleted and created again under the same id is another volume: the old
+    key never leaves; nor does any key of a tenant suspended meanwhile."""
+    from kms import errors
+
+    k, clock = fresh
+    tid, callers, _ = populate(k, f"release {change}", volumes=1, keys=0)
+    hv = callers["hypervisor"]
+    old_key = k.volumes.fetch_key(hv, "vol-0").key.reveal()
+
+    def do() -> None:
+        if change == "suspend":
+            k.lifecycle.suspend(tid)
+        else:
+            k.volumes.delete(hv, "vol-0")
+            clock.advance(timedelta(seconds=1))
+            k.volumes.create(hv, volume_id="vol-0", cipher="aes-xts-plain64", key_bits=512)
+
+    real = _just_before_the_event(k, do)
+    try:
+        with pytest.raises(getattr(errors, refused)):
+            k.volumes.fetch_key(hv, "vol-0")
+    finally:
+        k.audit_batcher.submit = real  # type: ignore[method-assign]
+    fetches = [e for e in events(k) if e["tenant"] == tid and e["action"] == "volume.key_fetch"]
+    assert len(fetches) == 1, "only the first, undisturbed fetch is journaled"
+    if change != "suspend":
+        assert k.volumes.fetch_key(hv, "vol-0").key.reveal() != old_key
+    assert k.audit_verify().ok
+
+
+@pytest.mark.parametrize("op", ["encrypt", "decrypt", "rewrap", "datakey"])
+@pytest.mark.parametrize("change, refused", [
+    ("suspend", "TenantSuspended"), ("disable", "KeyDisabled"),
+    ("destroy_version", "KeyVersionUnavailable"),
+])
+def test_no_transit_result_leaves_past_a_change_committed_before_its_event(
+        fresh, op: str, change: str, refused: str) -> None:  # type: ignore[no-untyped-def]
+    """Plaintext, ciphertext or a data key is not answered once the tenant, the key or the
+    version it used changed state in a commit that came before its event."""
+    from kms import errors
+
+    k, _ = fresh
+    tid, callers, _ = populate(k, f"transit {op} {change}", volumes=0, keys=1)
+    app, admin = callers["app"], callers["tenant-admin"]
+    ciphertext, _ = k.transit.encrypt(app, "key-0", b"secret")
+
+    def do() -> None:
+        if change == "suspend":
+            k.lifecycle.suspend(tid)
+        elif change == "disable":
+            k.appkeys.update(admin, "key-0", enabled=False)
+        else:  # the only version: rotate first, so that version 1 may be destroyed
+            k.appkeys.rotate(admin, "key-0")
+            k.appkeys.set_version_state(admin, "key-0", 1, "destroyed")
+
+    calls = {"encrypt": lambda: k.transit.encrypt(app, "key-0", b"x"),
+             "decrypt": lambda: k.transit.decrypt(app, "key-0", ciphertext),
+             "rewrap": lambda: k.transit.rewrap(app, "key-0", ciphertext),
+             "datakey": lambda: k.transit.datakey(app, "key-0", bits=256)}
+    before = len([e for e in events(k) if e["tenant"] == tid and e["outcome"] == "success"
+                  and e["action"] == f"key.{op}"])
+    real = _just_before_the_event(k, do)
+    try:
+        with pytest.raises(getattr(errors, refused)):
+            calls[op]()
+    finally:
+        k.audit_batcher.submit = real  # type: ignore[method-assign]
+    after = len([e for e in events(k) if e["tenant"] == tid and e["outcome"] == "success"
+                 and e["action"] == f"key.{op}"])
+    assert after == before
+    assert k.audit_verify().ok
