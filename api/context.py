@@ -74,6 +74,12 @@ class RequestContext:
         def refuse(code: str) -> Any:
             return problem(code, language(accept_language))(scope, receive, send_with_id)
 
+        if b"%2f" in scope.get("raw_path", b"").lower():
+            # An encoded slash would be decoded into a path separator before routing: an
+            # identifier never holds one, and a proxy filtering the raw path would see
+            # another route than the one taken.
+            await refuse("invalid_request")
+            return
         if declared is not None:
             if not declared.isdigit():
                 await refuse("invalid_request")

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
@@ -39,14 +40,29 @@ class _StrictJsonRequest(Request):
         return self._strict_json
 
 
+_NO_BODY = [{"type": "extra_forbidden", "loc": ("body",), "msg": "this route takes no body",
+             "input": None}]
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return (length is not None and length != "0") or "transfer-encoding" in request.headers
+
+
 class StrictJsonRoute(APIRoute):
     """FastAPI reads a JSON body with `await request.json()`: hand it a request whose
-    `json()` refuses duplicate keys (the same parser otherwise, at the same cost)."""
+    `json()` refuses duplicate keys (the same parser otherwise, at the same cost). A route
+    that takes no body refuses one (FastAPI would ignore it, and act): a malformed
+    request changes nothing."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        takes_body = self.body_field is not None
 
         async def strict(request: Request) -> Response:
+            if not takes_body and _has_body(request):
+                # Answered as any bad body is (app.py): credentials first, then a 400.
+                raise RequestValidationError(_NO_BODY)
             return await handler(_StrictJsonRequest(request.scope, request.receive))
 
         return strict

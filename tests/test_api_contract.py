@@ -365,3 +365,39 @@ def test_a_bad_batch_item_is_named_with_its_position(client, tenant) -> None:  #
     r = client.post("/v1/keys/items/encrypt", content=b'{"batch": [',
                     headers={**app, "content-type": "application/json"})
     assert r.status_code == 400 and "field" not in r.json()
+
+
+@pytest.mark.parametrize("method, path, role", [
+    ("POST", "/v1/keys/rot-k/rotate", "tenant-admin"),
+    ("POST", "/v1/volumes/vol-nb/key", "hypervisor"),
+    ("DELETE", "/v1/volumes/vol-nb", "hypervisor"),
+])
+@pytest.mark.parametrize("body", [b'{"garbage', b'{"extra": 1}', b"{}"])
+def test_a_route_that_takes_no_body_refuses_one_and_changes_nothing(
+        client, tenant, method, path, role, body) -> None:  # type: ignore[no-untyped-def]
+    """FastAPI ignores a body a route does not declare; here it is a 400, and nothing is
+    rotated, released or deleted. Without valid credentials it is still the 401."""
+    client.post("/v1/keys", json={"name": "rot-k", "type": "aes256-gcm"},
+                headers=tenant.auth("tenant-admin"))
+    client.post("/v1/volumes", json={"volume_id": "vol-nb"}, headers=tenant.auth("hypervisor"))
+    latest = client.get("/v1/keys/rot-k", headers=tenant.auth("tenant-admin")).json()
+    h = {**tenant.auth(role), "content-type": "application/json"}
+    r = client.request(method, path, content=body, headers=h)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request"
+    assert "key" not in r.json()
+    assert client.get("/v1/keys/rot-k", headers=tenant.auth("tenant-admin")).json() == latest
+    assert client.get("/v1/volumes/vol-nb", headers=tenant.auth("hypervisor")).status_code == 200
+    anon = client.request(method, path, content=body,
+                          headers={"authorization": "Bearer nope",
+                                   "content-type": "application/json"})
+    assert anon.status_code == 401
+
+
+def test_an_encoded_slash_in_the_path_is_refused(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """`vol%2fkey` must not be routed as `vol/key`: no key leaves, 400."""
+    h = tenant.auth("hypervisor")
+    client.post("/v1/volumes", json={"volume_id": "vol-sl"}, headers=h)
+    for raw in ("/v1/volumes/vol-sl%2fkey", "/v1/volumes/vol-sl%2Fkey"):
+        r = client.post(raw, headers=h)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_request", raw
+        assert "key" not in r.json()
