@@ -159,11 +159,16 @@ def _setup_tenant(home: Home, server: Proc, run_dir: Path) -> dict[str, Any]:
 
 
 def _probe_targets(proc: Proc, t: dict[str, Any]) -> dict[str, wrk.Target]:
-    """The probe routes of `bench.bare --service-app`, with encrypt's body and token."""
-    enc = _targets(proc, t)["encrypt"]
-    return {op: dataclasses.replace(enc, name=f"probe-{op}",
-                                    path=enc.path.replace("/v1/keys/", f"/v1/bench-{op}/"))
-            for op in ("noop", "auth")}
+    """The probe routes of `bench.bare --service-app`, with encrypt's body and token, and
+    the service's own encrypt and key fetch on that server (whose journal writer, with
+    --journal-handoffs-only, writes nothing)."""
+    real = _targets(proc, t)
+    enc = real["encrypt"]
+    return {**{op: dataclasses.replace(enc, name=f"probe-{op}",
+                                       path=enc.path.replace("/v1/keys/", f"/v1/bench-{op}/"))
+               for op in ("noop", "auth")},
+            "encrypt": dataclasses.replace(enc, name="handoffs-encrypt"),
+            "keyfetch": dataclasses.replace(real["keyfetch"], name="handoffs-keyfetch")}
 
 
 def _targets(proc: Proc, t: dict[str, Any]) -> dict[str, wrk.Target]:
@@ -495,7 +500,10 @@ def main() -> int:
         # The service's own app (middleware, exception handlers, routing table, a process
         # holding the service) with two probe routes: the bare route's constant, and the
         # same after authenticating through the inline call (`bench.bare.add_probe_routes`).
-        probe_http = start_bare(procs, home, run_dir, "probe-http", service_app=True)
+        # Its journal writer writes nothing: its encrypt and key fetch are the service's
+        # with every hand-off of the group commit but none of the writer's own work.
+        probe_http = start_bare(procs, home, run_dir, "probe-http", service_app=True,
+                                handoffs_only=True)
 
         results["ceilings"] = _inproc(home, run_dir, "ceilings",
                                       ["ceilings", "--seconds", "1" if cfg.quick else "2"],
@@ -523,6 +531,12 @@ def main() -> int:
              "noaudit"),
             ("keyfetch-noaudit", "volume key fetch", kms_noaudit, tg["noaudit"]["keyfetch"], R,
              "noaudit"),
+            # The group commit's hand-offs alone (the writer writes nothing): on − this is
+            # the writer's own work over HTTP, this − off what handing events to it costs.
+            ("encrypt-handoffs", "encrypt 1 KiB", probe_http, tg["probe"]["encrypt"], R,
+             "probe"),
+            ("keyfetch-handoffs", "volume key fetch", probe_http, tg["probe"]["keyfetch"], R,
+             "probe"),
             ("bare-sync", "bare, as a `def` route (one thread-pool hop)", bare_http,
              tg["bare"]["bare-sync"], 1, "http"),
             ("batch", "batch encrypt 1000 x 1 KiB", kms_http, tg["http"]["batch"], R, "http"),

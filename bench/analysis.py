@@ -184,6 +184,7 @@ def _floor(x: _Ctx) -> tuple[str, dict[str, Any]]:
     for op, key, target, what in (("encrypt", "encrypt", 0.7, "encrypt 1 KiB"),
                                   ("keyfetch", "keyfetch", 0.6, "volume key fetch")):
         on, off, alone_op = us(key), us(f"{key}-noaudit"), get(alone, op)
+        handoffs = us(f"{key}-handoffs")
         batch = (asgi.get(op) or {}).get("events_per_commit")
         if None in (on, off, alone_op, auth, batch):
             continue
@@ -193,15 +194,21 @@ def _floor(x: _Ctx) -> tuple[str, dict[str, Any]]:
         writer = fit[0] / batch + fit[1]
         floor = auth + alone_op + writer
         journal_rest = on - off - writer
+        # With the hand-offs-only server of the same run: what handing the events to the
+        # writer costs (hand-offs − off), and what the writer's work costs over HTTP
+        # beyond its cost alone in process (on − hand-offs − writer).
+        hand = handoffs - off if handoffs is not None else float("nan")
+        writer_http = on - handoffs - writer if handoffs is not None else float("nan")
         added = on - bare_us
         rest = added - floor - journal_rest
         facts[op] = {"budget": budget, "floor": floor, "journal": on - off, "writer": writer,
                      "journal_rest": journal_rest, "added": added, "rest": rest,
-                     "left": budget - floor, "batch": batch,
+                     "left": budget - floor, "batch": batch, "handoffs": hand,
+                     "writer_http": writer_http,
                      "switches_on": _switches_per_request(x, key, c),
                      "switches_off": _switches_per_request(x, f"{key}-noaudit", c)}
         rows.append((what, target, budget, auth, alone_op, writer, floor, journal_rest, rest,
-                     added))
+                     added, hand, writer_http))
     if not rows:
         return "", {}
     lines = ["| µs of server CPU per request, c=16 | " +
@@ -220,8 +227,11 @@ def _floor(x: _Ctx) -> tuple[str, dict[str, Any]]:
          "measured in process (" + " / ".join(f"{facts[k]['batch']:.1f}" for k in facts) +
          " events per commit)", 5)
     line("**floor: the three above**", 6, lambda v: f"**{_r(v)}**")
-    line("the journal's other costs over HTTP (journal on − off − the writer's own work): "
-         "wake-ups, thread hand-offs, a second thread on the core", 7)
+    line("the journal's other costs over HTTP (journal on − off − the writer's own work)", 7)
+    line("&nbsp;&nbsp;of which handing the events over: wake-ups, futures, the writer thread "
+         "(the hand-offs-only server − journal off)", 10)
+    line("&nbsp;&nbsp;of which the writer's work over HTTP beyond its cost alone "
+         "(journal on − the hand-offs-only server − the writer alone)", 11)
     line("the rest: web layer and everything else (measured − floor − the line above)", 8)
     line("measured over HTTP: what the service adds above the bare endpoint", 9)
     table = "\n".join(lines)
@@ -265,6 +275,7 @@ def _data_plane(x: _Ctx) -> str:
     table, fl = _floor(x)
     facts, layers = fl.get("facts", {}), fl.get("layers", {})
     fe = facts.get("encrypt") or {}
+    fk = facts.get("keyfetch") or {}
     floor_share = fe["floor"] / fe["budget"] if fe.get("budget") else None
     web_layer = (layers.get("ours") or 0) + max(layers.get("inline_net") or 0, 0) \
         if layers else None
@@ -345,16 +356,21 @@ What it would take, and why it is not done:
   segment's key ({seg_us} µs; it was an HMAC in the token, {hmac_us} µs, see the ceilings)
   and a row; each batch is four statements, the head's HMAC in the token and one fsync'd
   commit. That work is in the floor above ({_p(floor_share)} of encrypt's budget with
-  authentication and the operation); on top of it comes what a second thread committing
-  beside the event loop on one core costs the loop: wake-ups, futures, GIL and core
-  hand-offs, the cache it pollutes — from run to run between a few tens and a few
-  hundreds of µs per request, the noisiest line of the table. Waiting longer to fill
-  batches (a 1–3 ms window, tried twice) lowered throughput, the core then idle;
-  committing on the loop itself is not a clear gain (above). Next, measured first in
-  process with `bench.inproc floor`: fewer hand-offs per commit (one statement instead of
-  four, a connection of the writer's own instead of the pool's), or a writer process of
-  its own fed through a pipe. Answering before the event is durable is not on the list:
-  no key leaves without its event.
+  authentication and the operation). The server whose writer writes nothing splits the
+  rest: handing the events over (wake-ups, futures, the writer thread beside the loop)
+  costs {_r(fe.get('handoffs'))} µs per encrypt and {_r(fk.get('handoffs'))} µs per key
+  fetch at c=16, and the writer's work costs {_r(fe.get('writer_http'))} and
+  {_r(fk.get('writer_http'))} µs more over HTTP than alone in process (its SQLite pages,
+  token session and Python objects leave the caches between two commits, and its batches
+  are smaller). A writer process of its own, fed through a pipe, would save at most the
+  hand-offs line, and adds a second token login and a process to supervise: not done.
+  Done instead, measured in process: the writer's own work (canonical JSON written out
+  for the event's fixed fields, rows built as tuples, one timestamp per commit, a SQLite
+  connection of the writer's own instead of a pool checkout) came down by about a
+  quarter per commit of 8 events. Waiting longer to fill batches (a 1–3 ms window, tried
+  twice) lowered throughput, the core then idle; committing on the loop itself is not a
+  clear gain (above). Answering before the event is durable is not on the list: no key
+  leaves without its event.
 - **Key fetch unwraps in the token on every request** (the SoftHSM ceiling:
   {_r(unwrap.get('cpu_us'))} µs of CPU per unwrap). A cache of unwrapped volume keys
   (DESIGN.md allows one, dropped when the tenant changes state) would save at most that

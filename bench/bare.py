@@ -96,6 +96,11 @@ def main() -> None:
     parser.add_argument("--service-app", action="store_true",
                         help="serve the service's own tenant app (KMS_HOME) with the probe "
                              "routes of add_probe_routes first, instead of the bare app")
+    parser.add_argument("--journal-handoffs-only", action="store_true",
+                        help="with --service-app: the journal's writer writes nothing, while "
+                             "its group commit (wake-ups, futures, the writer thread) runs "
+                             "as in the service: what the hand-offs cost without the "
+                             "writer's own work (a measurement, never a configuration)")
     args = parser.parse_args()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("bench.bare listens on loopback only")
@@ -119,6 +124,9 @@ def main() -> None:
         if args.service_app:
             app = held[1]
             add_probe_routes(app)
+            if args.journal_handoffs_only:
+                kms.audit.append_direct = (  # type: ignore[method-assign]
+                    lambda _db, events: [None] * len(events))
     server = _Server(_config(app, args.host, args.port, tls))
     import gc
 

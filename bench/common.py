@@ -204,13 +204,15 @@ def start_kms(procs: Processes, home: Home, run_dir: Path, name: str, *, tls: bo
 
 def start_bare(procs: Processes, home: Home, run_dir: Path, name: str, *, tls: bool = False,
                cpus: str | None = SERVER_CPUS, with_service: bool = False,
-               service_app: bool = False) -> Proc:
+               service_app: bool = False, handoffs_only: bool = False) -> Proc:
     port = free_port()
     cmd = [sys.executable, "-m", "bench.bare", "--host", LOOPBACK, "--port", str(port)]
     if with_service:
         cmd.append("--with-service")
     if service_app:
         cmd.append("--service-app")
+    if handoffs_only:
+        cmd.append("--journal-handoffs-only")
     if tls:
         cmd += ["--tls-cert", str(home.path / "tls" / "server.pem"),
                 "--tls-key", str(home.path / "tls" / "server.key")]

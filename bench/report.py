@@ -156,6 +156,27 @@ def build_table(res: dict[str, Any]) -> Table:
                 t.row(f"{http[key]['label']}, audit off", str(c), per_s(off), _ms(off["p50"]),
                       _ms(off["p99"]), f"journal costs {_pct(cost)} of throughput{extra}")
 
+        for key in ("encrypt", "keyfetch"):
+            for c in conc:
+                ho, on = agg(http.get(f"{key}-handoffs"), c), agg(http.get(key), c)
+                off, bare = agg(http.get(f"{key}-noaudit"), c), agg(http.get("bare"), c)
+                if ho is None:
+                    continue
+                parts = []
+                if on and off:
+                    # CPU per request: on − hand-offs is the writer's own work over HTTP,
+                    # hand-offs − off what handing the events over costs.
+                    us = {k: 1e6 * v["server_cpu"] / v["rate"] for k, v in
+                          (("on", on), ("ho", ho), ("off", off)) if v["rate"]}
+                    if len(us) == 3:
+                        parts.append(f"writer's work {_n(us['on'] - us['ho'])} µs, hand-offs "
+                                     f"{_n(us['ho'] - us['off'])} µs of CPU per request")
+                if bare:
+                    parts.append(f"{_pct(ho['rate'] / bare['rate'])} of bare")
+                t.row(f"{http[key]['label']}, journal hand-offs only (its writer writes "
+                      "nothing)", str(c), per_s(ho), _ms(ho["p50"]), _ms(ho["p99"]),
+                      "; ".join(parts))
+
         t.section("TLS (the default; the rows above use --insecure-http on loopback)")
         for c in conc:
             bare_tls, bare = agg(http.get("bare-tls"), c), agg(http.get("bare"), c)
