@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -70,6 +71,10 @@ class _Head:
     seq: int
     hash: str
 ANCHOR_INTERVAL = 0.2
+# A data-plane event not committed within this many seconds of its creation is dropped
+# under the journal's lock: its caller stops waiting a second later (the group commit's
+# WAIT_SECONDS) with a 503, so no event records a release that did not happen.
+COMMIT_WITHIN_SECONDS = 9.0
 SEGMENT_EVENTS = 1_000_000
 SEGMENT_SECONDS = 3600.0
 _SEGMENT_INFO = b"kms/audit-segment/v1|"
@@ -207,6 +212,9 @@ class PendingEvent:
     # What must still hold when the event is committed; otherwise the event is not
     # written and its waiter gets the error `requires.check` raised.
     requires: Requirement | None = None
+    # time.monotonic() after which the event is not written: its caller has been
+    # answered 503 by then, and the journal must not record what never reached it.
+    not_after: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -323,7 +331,8 @@ class AuditJournal:
                 requires: Requirement | None = None) -> PendingEvent:
         ctx = current_context()
         return PendingEvent(action, tenant_id, object, outcome, actor or ctx.actor,
-                            ctx.request_id, ctx.source, requires)
+                            ctx.request_id, ctx.source, requires,
+                            time.monotonic() + COMMIT_WITHIN_SECONDS)
 
     def record(self, s: Session, *, action: str, tenant_id: str | None, object: str = "",
                outcome: str = "success", actor: str | None = None) -> None:
@@ -392,9 +401,12 @@ class AuditJournal:
             # before this batch took the lock is seen here (PostgreSQL: read committed).
             refused: list[KmsError | None] = []
             asked_rows: dict[tuple[str, tuple[Any, ...]], tuple[Any, ...] | None] = {}
+            now = time.monotonic()
             for e in events:
                 refused.append(None)
-                if e.requires is not None:
+                if now > e.not_after:  # its caller has had (or is about to have) a 503
+                    refused[-1] = ServiceUnavailable("the audit journal cannot be written")
+                elif e.requires is not None:
                     # Requests for the same key or volume ask the same: read it once.
                     asked = (e.requires.sql, e.requires.params)
                     if asked not in asked_rows:

@@ -11,13 +11,13 @@ import threading
 from concurrent.futures import Future, InvalidStateError
 
 from hsm import inline
-from kms.audit import AuditJournal, PendingEvent
+from kms.audit import COMMIT_WITHIN_SECONDS, AuditJournal, PendingEvent
 from kms.db import Database
 from kms.errors import KmsError, ServiceUnavailable
 
 Waiter = Future[None] | asyncio.Future[None]
 MAX_BATCH = 512
-WAIT_SECONDS = 10.0
+WAIT_SECONDS = COMMIT_WITHIN_SECONDS + 1.0  # the journal drops what is later than that
 
 
 class AuditBatcher:
