@@ -289,11 +289,17 @@ async def rotate_key(name: str, request: Request) -> dict[str, Any]:
                            offload=True)
 
 
+# A version in a path is its decimal number as the API writes it: "1.0", "+1", "01",
+# " 1" or "1_0" (int() reads 10) are refused, as loosely typed input is everywhere else.
+_VERSION_IN_PATH = r"^[1-9][0-9]{0,8}$"  # up to 999,999,999: an int32 whatever the digits
+
+
 @router.patch("/keys/{name}/versions/{version}")
-async def set_version_state(name: str, version: Annotated[int, Path(ge=1, le=2**31 - 1)],
+async def set_version_state(name: str,
+                            version: Annotated[str, Path(pattern=_VERSION_IN_PATH)],
                             body: VersionPatch, request: Request) -> dict[str, Any]:
     return await as_caller(request, lambda kms, c: kms.appkeys.set_version_state(
-        c, name, version, body.state).public(), offload=True)
+        c, name, int(version), body.state).public(), offload=True)
 
 
 # -- the tenant itself ------------------------------------------------------------------

@@ -401,3 +401,18 @@ def test_an_encoded_slash_in_the_path_is_refused(client, tenant) -> None:  # typ
         r = client.post(raw, headers=h)
         assert r.status_code == 400 and r.json()["code"] == "invalid_request", raw
         assert "key" not in r.json()
+
+
+@pytest.mark.parametrize("raw", ["1.0", "+1", "01", "%201", "1_0", "0", "-1", "1e0",
+                                 "9999999999"])
+def test_a_version_in_the_path_is_its_plain_decimal_number(client, tenant, raw) -> None:  # type: ignore[no-untyped-def]
+    """`PATCH /v1/keys/{name}/versions/{v}` reads v strictly: nothing else acts on v1."""
+    admin = tenant.auth("tenant-admin")
+    client.post("/v1/keys", json={"name": "vp"}, headers=admin)
+    r = client.patch(f"/v1/keys/vp/versions/{raw}", json={"state": "suspended"}, headers=admin)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request", (raw, r.text)
+    v1 = client.get("/v1/keys/vp", headers=admin).json()
+    assert client.post("/v1/keys/vp/encrypt", json={"plaintext": "eA=="},
+                       headers=tenant.auth("app")).status_code == 200, v1
+    ok = client.patch("/v1/keys/vp/versions/1", json={"state": "active"}, headers=admin)
+    assert ok.status_code in (200, 409)
