@@ -43,6 +43,7 @@ from kms.errors import (
     KeyVersionUnavailable,
     KmsError,
     NotFound,
+    Unauthenticated,
 )
 from kms.keyring import Keyring
 from kms.models import AppKey, AppKeyVersion, Tenant
@@ -120,26 +121,34 @@ SEALABLE = (ACTIVE, DEACTIVATED)  # a rotation between the seal and its event ch
 
 @functools.lru_cache(maxsize=64)
 def _still_usable_sql(versions: int, states: int) -> str:
+    # From the tenant: once an erasure deleted the key, the tenant's state still answers.
     return ("SELECT t.status, k.enabled, k.min_decryption_version, "
             "(SELECT COUNT(*) FROM app_key_versions v WHERE v.key_id = k.id AND v.version "
-            f"IN ({', '.join('?' * versions)}) AND v.state IN ({', '.join('?' * states)})) "
-            "FROM app_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.id = ?")
+            f"IN ({', '.join('?' * versions)}) AND v.state IN ({', '.join('?' * states)})), "
+            "(SELECT COUNT(*) FROM principals p WHERE p.id = ? AND p.revoked_at IS NULL) "
+            "FROM tenants t LEFT JOIN app_keys k ON k.tenant_id = t.id AND k.id = ? "
+            "WHERE t.id = ?")
 
 
-def _still_usable(key_id: int, versions: Sequence[int], allowed: tuple[str, ...], *,
-                  min_applies: bool) -> Requirement:
+def _still_usable(caller: Caller, key_id: int, versions: Sequence[int],
+                  allowed: tuple[str, ...], *, min_applies: bool) -> Requirement:
     """What a success's event requires under the journal's lock: the tenant still usable,
-    the key still enabled, every version it used still in `allowed` (and, for what was
-    decrypted, not below the minimum). A state change that committed its own event first
-    refuses the release, as it would have refused the request."""
+    the caller's principal not revoked, the key still enabled, every version it used
+    still in `allowed` (and, for what was decrypted, not below the minimum). A change
+    that committed its own event first refuses the release, as it would have refused the
+    request."""
     vs = tuple(sorted(set(versions)))
     sql = _still_usable_sql(len(vs), len(allowed))
 
     def check(row: tuple[object, ...] | None) -> None:
         if row is None:
-            raise NotFound("no such key", what="key")
-        status, enabled, min_decryption, usable = row
+            raise NotFound("no such tenant")
+        status, enabled, min_decryption, usable, principal_live = row
         require_usable_status(str(status))
+        if not principal_live:
+            raise Unauthenticated("principal revoked")
+        if enabled is None:
+            raise NotFound("no such key", what="key")
         if not enabled:
             raise KeyDisabled("key is disabled")
         if min_applies and vs[0] < int(str(min_decryption)):
@@ -147,7 +156,8 @@ def _still_usable(key_id: int, versions: Sequence[int], allowed: tuple[str, ...]
         if usable != len(vs):
             raise KeyVersionUnavailable("version no longer usable")
 
-    return Requirement(sql, (*vs, *allowed, key_id), check)
+    return Requirement(sql, (*vs, *allowed, caller.principal_id, key_id, caller.tenant_id),
+                       check)
 
 
 class _KeyCache:
@@ -333,7 +343,7 @@ class TransitService:
         opened = [r.version for r in results if r.error is None and r.version is not None]
         self._journal(caller, "key.decrypt", f"key:{name}" + _count(len(items), batch),
                       "success" if not failures else f"partial:{failures}",
-                      requires=_still_usable(key.key_id, opened, DECRYPTABLE,
+                      requires=_still_usable(caller, key.key_id, opened, DECRYPTABLE,
                                              min_applies=True) if opened else None)
         return results
 
@@ -350,9 +360,9 @@ class TransitService:
         for plaintext, context in items:
             blob = aead.seal(cipher, plaintext, aad=aead.app_aad_with(prefix, context))
             out.append(ItemResult(aead.format_ciphertext(version, blob), version))
-        requires = _still_usable(key_id, [version], SEALABLE, min_applies=False) \
-            if opened is None else _still_usable(key_id, [opened, version], REWRAPPABLE,
-                                                 min_applies=True)
+        requires = _still_usable(caller, key_id, [version], SEALABLE, min_applies=False) \
+            if opened is None else _still_usable(caller, key_id, [opened, version],
+                                                 REWRAPPABLE, min_applies=True)
         self._journal(caller, action, f"key:{name}:v{version}" + _count(len(items), batch),
                       "success", requires=requires)
         return out

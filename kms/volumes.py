@@ -26,7 +26,7 @@ from kms.errors import (
     InvalidRequest,
     KeyIntegrityError,
     NotFound,
-    ServiceUnavailable,
+    Unauthenticated,
 )
 from kms.keyring import KeyPlace, Keyring
 from kms.models import DeletedVolume, Kek, Volume
@@ -69,7 +69,7 @@ def _place(tenant_id: str, volume_id: str) -> KeyPlace:
 
 
 _FETCH = ("SELECT t.status, v.volume_id, v.cipher, v.key_bits, v.wrapped_key, k.cka_id, "
-          "k.state, v.created_at FROM tenants t "
+          "k.state, v.created_at, v.kek_generation FROM tenants t "
           "LEFT JOIN volumes v ON v.tenant_id = t.id AND v.volume_id = ? "
           "LEFT JOIN keks k ON k.tenant_id = t.id AND k.generation = v.kek_generation "
           "WHERE t.id = ?")
@@ -78,10 +78,13 @@ _FETCH = ("SELECT t.status, v.volume_id, v.cipher, v.key_bits, v.wrapped_key, k.
 _TENANT_FOR_CREATE = "SELECT status FROM tenants WHERE id = ?"
 _VOLUME_EXISTS = "SELECT 1 FROM volumes WHERE tenant_id = ? AND volume_id = ?"
 # A key release's event is committed only if, under the journal's lock, the tenant is
-# still usable and the volume is still the one whose key was read: same creation time
-# and same wrapped key (a volume deleted and created again under the same id is another
-# volume with another key; a KEK rotation rewraps the same key meanwhile: retry).
-_STILL_RELEASABLE = ("SELECT t.status, v.created_at, v.wrapped_key FROM tenants t "
+# still usable, the caller's principal not revoked, and the volume still the one whose key
+# was read: same creation time, and the same wrapped key unless a KEK rotation rewrapped
+# it (another generation). A volume deleted and created again under the same id is
+# another volume with another key.
+_STILL_RELEASABLE = ("SELECT t.status, v.created_at, v.wrapped_key, v.kek_generation, "
+                     "(SELECT COUNT(*) FROM principals p WHERE p.id = ? "
+                     "AND p.revoked_at IS NULL) FROM tenants t "
                      "LEFT JOIN volumes v ON v.tenant_id = t.id AND v.volume_id = ? "
                      "WHERE t.id = ?")
 _CURRENT_KEK = ("SELECT generation, cka_id, encryptions FROM keks "
@@ -198,7 +201,8 @@ class VolumeService:
         row = self._db.fetchone(self._db.sql(_FETCH), (volume_id, caller.tenant_id))
         if row is None:
             raise NotFound("no such tenant")
-        status, found, cipher, key_bits, wrapped, kek_cka_id, kek_state, created_at = row
+        (status, found, cipher, key_bits, wrapped, kek_cka_id, kek_state, created_at,
+         generation) = row
         require_usable_status(status)
         if found is None:
             raise NotFound("no such volume", what="volume")
@@ -214,9 +218,10 @@ class VolumeService:
         self._batcher.submit(self._audit.pending(
             action="volume.key_fetch", tenant_id=caller.tenant_id,
             object=f"volume:{volume_id}", actor=caller.actor,
-            requires=Requirement(_STILL_RELEASABLE, (volume_id, caller.tenant_id),
+            requires=Requirement(_STILL_RELEASABLE,
+                                 (caller.principal_id, volume_id, caller.tenant_id),
                                  functools.partial(_still_releasable, created_at,
-                                                   bytes(wrapped)))))
+                                                   bytes(wrapped), generation))))
         return released
 
     def delete(self, caller: Caller, volume_id: str) -> dict[str, Any]:
@@ -271,15 +276,18 @@ class VolumeService:
         return out
 
 
-def _still_releasable(created_at: Any, wrapped: bytes, row: tuple[Any, ...] | None) -> None:
+def _still_releasable(created_at: Any, wrapped: bytes, generation: Any,
+                      row: tuple[Any, ...] | None) -> None:
     """The check of `_STILL_RELEASABLE`: raises as `fetch_key` would now."""
     if row is None:
         raise NotFound("no such tenant")
-    status, now_created_at, now_wrapped = row
+    status, now_created_at, now_wrapped, now_generation, principal_live = row
     require_usable_status(status)
+    if not principal_live:
+        raise Unauthenticated("principal revoked")
     if now_created_at is None or now_created_at != created_at:
         raise NotFound("no such volume", what="volume")
-    if bytes(now_wrapped) != wrapped:
-        # The same creation time but another blob: rewrapped by a KEK rotation, or (only
-        # within one clock tick) created again. Either way this key is not released now.
-        raise ServiceUnavailable("the volume's key changed meanwhile; retry")
+    if bytes(now_wrapped) != wrapped and now_generation == generation:
+        # Another key under the same generation and creation time: created again within
+        # one clock tick.
+        raise NotFound("no such volume", what="volume")

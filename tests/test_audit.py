@@ -804,6 +804,7 @@ def _just_before_the_event(k: Kms, change: Any) -> Any:
 
 @pytest.mark.parametrize("change, refused", [
     ("delete_and_create_again", "NotFound"), ("suspend", "TenantSuspended"),
+    ("revoke", "Unauthenticated"), ("erase", "TenantErased"),
 ])
 def test_a_volume_key_is_not_released_past_a_change_committed_before_its_event(
         fresh, change: str, refused: str) -> None:  # type: ignore[no-untyped-def]
@@ -819,6 +820,12 @@ def test_a_volume_key_is_not_released_past_a_change_committed_before_its_event(
     def do() -> None:
         if change == "suspend":
             k.lifecycle.suspend(tid)
+        elif change == "revoke":
+            k.principals.revoke(hv.principal_id)
+        elif change == "erase":
+            k.lifecycle.serve_notice(tid)
+            clock.advance(timedelta(days=22))
+            assert k.erasure.erase(tid).state == "erased"
         else:
             k.volumes.delete(hv, "vol-0")
             clock.advance(timedelta(seconds=1))
@@ -832,15 +839,31 @@ def test_a_volume_key_is_not_released_past_a_change_committed_before_its_event(
         k.audit_batcher.submit = real  # type: ignore[method-assign]
     fetches = [e for e in events(k) if e["tenant"] == tid and e["action"] == "volume.key_fetch"]
     assert len(fetches) == 1, "only the first, undisturbed fetch is journaled"
-    if change != "suspend":
+    if change == "delete_and_create_again":
         assert k.volumes.fetch_key(hv, "vol-0").key.reveal() != old_key
+    assert k.audit_verify().ok
+
+
+def test_a_kek_rotation_between_the_read_and_the_event_does_not_refuse_the_release(
+        fresh) -> None:  # type: ignore[no-untyped-def]
+    """The rotation rewraps the same key under a new generation: the release goes on."""
+    k, _ = fresh
+    tid, callers, _ = populate(k, "release during kek rotation", volumes=1, keys=0)
+    hv = callers["hypervisor"]
+    key = k.volumes.fetch_key(hv, "vol-0").key.reveal()
+    real = _just_before_the_event(k, lambda: k.kek_rotation.rotate(tid))
+    try:
+        assert k.volumes.fetch_key(hv, "vol-0").key.reveal() == key
+    finally:
+        k.audit_batcher.submit = real  # type: ignore[method-assign]
     assert k.audit_verify().ok
 
 
 @pytest.mark.parametrize("op", ["encrypt", "decrypt", "rewrap", "datakey"])
 @pytest.mark.parametrize("change, refused", [
     ("suspend", "TenantSuspended"), ("disable", "KeyDisabled"),
-    ("destroy_version", "KeyVersionUnavailable"),
+    ("destroy_version", "KeyVersionUnavailable"), ("revoke", "Unauthenticated"),
+    ("erase", "TenantErased"),
 ])
 def test_no_transit_result_leaves_past_a_change_committed_before_its_event(
         fresh, op: str, change: str, refused: str) -> None:  # type: ignore[no-untyped-def]
@@ -848,7 +871,7 @@ def test_no_transit_result_leaves_past_a_change_committed_before_its_event(
     version it used changed state in a commit that came before its event."""
     from kms import errors
 
-    k, _ = fresh
+    k, clock = fresh
     tid, callers, _ = populate(k, f"transit {op} {change}", volumes=0, keys=1)
     app, admin = callers["app"], callers["tenant-admin"]
     ciphertext, _ = k.transit.encrypt(app, "key-0", b"secret")
@@ -858,6 +881,12 @@ def test_no_transit_result_leaves_past_a_change_committed_before_its_event(
             k.lifecycle.suspend(tid)
         elif change == "disable":
             k.appkeys.update(admin, "key-0", enabled=False)
+        elif change == "revoke":
+            k.principals.revoke(app.principal_id)
+        elif change == "erase":  # the key's rows are gone: the tenant's state answers
+            k.lifecycle.serve_notice(tid)
+            clock.advance(timedelta(days=22))
+            assert k.erasure.erase(tid).state == "erased"
         else:  # the only version: rotate first, so that version 1 may be destroyed
             k.appkeys.rotate(admin, "key-0")
             k.appkeys.set_version_state(admin, "key-0", 1, "destroyed")
