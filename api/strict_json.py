@@ -44,9 +44,15 @@ _NO_BODY = [{"type": "extra_forbidden", "loc": ("body",), "msg": "this route tak
              "input": None}]
 
 
-def _has_body(request: Request) -> bool:
+async def _has_body(request: Request) -> bool:
+    """Whether the request carries a non-empty body (Content-Length is digits: checked
+    by the middleware); a chunked one is read to tell (bounded by the body limit)."""
     length = request.headers.get("content-length")
-    return (length is not None and length != "0") or "transfer-encoding" in request.headers
+    if length is not None:
+        return int(length) != 0
+    if "transfer-encoding" in request.headers:
+        return bool(await request.body())
+    return False
 
 
 class StrictJsonRoute(APIRoute):
@@ -60,7 +66,7 @@ class StrictJsonRoute(APIRoute):
         takes_body = self.body_field is not None
 
         async def strict(request: Request) -> Response:
-            if not takes_body and _has_body(request):
+            if not takes_body and await _has_body(request):
                 # Answered as any bad body is (app.py): credentials first, then a 400.
                 raise RequestValidationError(_NO_BODY)
             return await handler(_StrictJsonRequest(request.scope, request.receive))
