@@ -266,8 +266,18 @@ class TransitService:
         Compromised versions may be rewrapped (that is how their data is rescued)."""
         caller.require(ROLE_APP)
         check_identifier(name, field="name")
-        version, blob = aead.parse_ciphertext(ciphertext)
-        old = self._opener(caller, name, version, REWRAPPABLE)
+        # Every refused rewrap of an existing key is journaled, as decrypt's are.
+        try:
+            version, blob = aead.parse_ciphertext(ciphertext)
+        except DecryptionFailed:
+            self._lookup(caller, name, None)  # a missing key or unusable tenant answers so
+            self._journal(caller, "key.rewrap", f"key:{name}", "failure")
+            raise
+        try:
+            old = self._opener(caller, name, version, REWRAPPABLE)
+        except (DecryptionFailed, KeyVersionUnavailable):
+            self._journal(caller, "key.rewrap", f"key:{name}:v{version}", "failure")
+            raise
         plaintext = self._open(old, name, version, blob, context, caller, "key.rewrap")
         [result] = self._seal_all(caller, name, [(plaintext, context)], action="key.rewrap",
                                   opened=version)

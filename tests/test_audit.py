@@ -907,3 +907,33 @@ def test_no_transit_result_leaves_past_a_change_committed_before_its_event(
                  and e["action"] == f"key.{op}"])
     assert after == before
     assert k.audit_verify().ok
+
+
+@pytest.mark.parametrize("bad", ["malformed", "above_latest", "suspended_version",
+                                 "tampered"])
+def test_every_refused_rewrap_of_an_existing_key_is_journaled(fresh, bad: str) -> None:  # type: ignore[no-untyped-def]
+    """As decrypt's are: one failure event, whatever made the rewrap fail."""
+    from kms.errors import DecryptionFailed, KeyVersionUnavailable
+
+    k, _ = fresh
+    tid, callers, _ = populate(k, f"rewrap {bad}", volumes=0, keys=1)
+    app, admin = callers["app"], callers["tenant-admin"]
+    ciphertext, _ = k.transit.encrypt(app, "key-0", b"secret")
+    if bad == "malformed":
+        ciphertext = "kms:v1:not*base64"
+    elif bad == "above_latest":
+        ciphertext = ciphertext.replace("kms:v1:", "kms:v9:")
+    elif bad == "tampered":
+        ciphertext = ciphertext[:-2] + ("AA" if ciphertext[-2:] != "AA" else "BB")
+    else:
+        k.appkeys.rotate(admin, "key-0")
+        k.appkeys.set_version_state(admin, "key-0", 1, "suspended")
+
+    def failures() -> int:
+        return len([e for e in events(k) if e["tenant"] == tid and e["action"] == "key.rewrap"
+                    and e["outcome"] == "failure"])
+
+    before = failures()
+    with pytest.raises((DecryptionFailed, KeyVersionUnavailable)):
+        k.transit.rewrap(app, "key-0", ciphertext)
+    assert failures() == before + 1
