@@ -24,6 +24,11 @@ from kms.models import Principal
 from kms.tenants import ERASED, ERASING, load_tenant, require_usable_status
 from kms.validation import check_identifier
 
+# A column for the journal's release checks: 1 while the principal is not revoked, 0 once
+# it is (its one parameter: the principal id).
+LIVE_PRINCIPAL_SQL = ("(SELECT COUNT(*) FROM principals lp "
+                      "WHERE lp.id = ? AND lp.revoked_at IS NULL)")
+
 _SECRET_BYTES = 32
 _DUMMY_DIGEST = hashlib.sha256(b"no such principal").digest()
 _AUTH = ("SELECT p.token_digest, p.revoked_at, p.role, p.tenant_id, t.status, t.epoch "

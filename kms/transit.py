@@ -47,6 +47,7 @@ from kms.errors import (
 )
 from kms.keyring import Keyring
 from kms.models import AppKey, AppKeyVersion, Tenant
+from kms.principals import LIVE_PRINCIPAL_SQL
 from kms.secret import SecretBytes
 from kms.tenants import load_tenant, require_can_create, require_usable, require_usable_status
 from kms.usage import UsageLimiter
@@ -125,7 +126,7 @@ def _still_usable_sql(versions: int, states: int) -> str:
     return ("SELECT t.status, k.enabled, k.min_decryption_version, "
             "(SELECT COUNT(*) FROM app_key_versions v WHERE v.key_id = k.id AND v.version "
             f"IN ({', '.join('?' * versions)}) AND v.state IN ({', '.join('?' * states)})), "
-            "(SELECT COUNT(*) FROM principals p WHERE p.id = ? AND p.revoked_at IS NULL) "
+            f"{LIVE_PRINCIPAL_SQL} "
             "FROM tenants t LEFT JOIN app_keys k ON k.tenant_id = t.id AND k.id = ? "
             "WHERE t.id = ?")
 

@@ -30,6 +30,7 @@ from kms.errors import (
 )
 from kms.keyring import KeyPlace, Keyring
 from kms.models import DeletedVolume, Kek, Volume
+from kms.principals import LIVE_PRINCIPAL_SQL
 from kms.secret import SecretBytes
 from kms.tenants import (
     load_tenant,
@@ -83,8 +84,7 @@ _VOLUME_EXISTS = "SELECT 1 FROM volumes WHERE tenant_id = ? AND volume_id = ?"
 # it (another generation). A volume deleted and created again under the same id is
 # another volume with another key.
 _STILL_RELEASABLE = ("SELECT t.status, v.created_at, v.wrapped_key, v.kek_generation, "
-                     "(SELECT COUNT(*) FROM principals p WHERE p.id = ? "
-                     "AND p.revoked_at IS NULL) FROM tenants t "
+                     f"{LIVE_PRINCIPAL_SQL} FROM tenants t "
                      "LEFT JOIN volumes v ON v.tenant_id = t.id AND v.volume_id = ? "
                      "WHERE t.id = ?")
 _CURRENT_KEK = ("SELECT generation, cka_id, encryptions FROM keks "
