@@ -159,7 +159,7 @@ def _erasure_loop(kms: Kms, settings: Settings, stop: threading.Event) -> None:
             for outcome in kms.erasure.run_due():
                 if outcome.state != "skipped":
                     log.info("erasure run", extra=outcome.public())
-            kms.transit.sweep_cache()
+            kms.sweep_caches()
             for rotation in kms.kek_rotation.run_due():
                 if rotation.state != "skipped":
                     log.info("KEK rotated", extra={"tenant": rotation.tenant_id,

@@ -26,7 +26,9 @@ def build_kms(settings: Settings, *, clock: Clock | None = None) -> Kms:
                     pin_reader=lambda: read_secret_file(pin_file))
     db = Database(settings.effective_database_url)
     options = KmsOptions(
-        key_cache_size=settings.key_cache_size, notice_days=settings.notice_days,
+        key_cache_size=settings.key_cache_size,
+        volume_key_cache_seconds=settings.volume_key_cache_seconds,
+        notice_days=settings.notice_days,
         operator_max_failures=settings.operator_max_failures,
         operator_session=timedelta(minutes=settings.operator_session_minutes),
         argon2=Argon2Parameters(settings.argon2_time_cost, settings.argon2_memory_kib,

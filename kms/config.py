@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     notice_days: int = MIN_NOTICE_DAYS
     key_cache_size: int = Field(default=10_000, ge=0)
+    # How long a released volume key may stay in memory (0: not kept at all).
+    volume_key_cache_seconds: float = Field(default=60.0, ge=0, le=3600)
     erasure_interval_seconds: float = Field(default=60.0, gt=0)
     # Key usage limits (SP 800-38D: < 2^32 random-IV encryptions per key) and renewal.
     key_version_max_encryptions: int = Field(default=2**30, ge=1, le=2**32 - 1)

@@ -43,6 +43,7 @@ SERVICE_KEY_LABELS = {"audit-hmac": AUDIT_KEY_LABEL,
 @dataclass(frozen=True)
 class KmsOptions:
     key_cache_size: int = 10_000
+    volume_key_cache_seconds: float = 60.0
     notice_days: int = MIN_NOTICE_DAYS
     operator_max_failures: int = 5
     operator_session: timedelta = timedelta(minutes=15)
@@ -77,7 +78,9 @@ class Kms:
         rotation_period = timedelta(days=opts.kek_rotation_days)
         self.volumes = VolumeService(db=db, keyring=self.keyring, clock=clock,
                                      batcher=self.audit_batcher,
-                                     rotation_period=rotation_period, audit=journal)
+                                     rotation_period=rotation_period, audit=journal,
+                                     cache_size=opts.key_cache_size,
+                                     cache_seconds=opts.volume_key_cache_seconds)
         self.appkeys = AppKeyService(db=db, keyring=self.keyring, clock=clock, audit=journal)
         self.limiter = UsageLimiter(hsm=hsm, cap=opts.key_version_max_encryptions)
         self.transit = TransitService(db=db, keyring=self.keyring, keys=self.appkeys,
@@ -86,9 +89,9 @@ class Kms:
         self.signer = ServiceSigner(hsm=hsm)
         self.lifecycle = LifecycleService(db=db, signer=self.signer, clock=clock,
                                           notice_days=opts.notice_days,
-                                          on_state_change=self.transit.drop_cached, audit=journal)
+                                          on_state_change=self.drop_cached, audit=journal)
         self.erasure = ErasureRunner(db=db, hsm=hsm, signer=self.signer, clock=clock,
-                                     drop_cached=self.transit.drop_cached, audit=journal)
+                                     drop_cached=self.drop_cached, audit=journal)
         self.kek_rotation = KekRotation(db=db, hsm=hsm, keyring=self.keyring, clock=clock,
                                         period=rotation_period, audit=journal)
         self.sealer = Sealer(hsm=hsm)
@@ -100,6 +103,17 @@ class Kms:
 
     def __repr__(self) -> str:
         return f"Kms(db={self.db!r}, hsm={self.hsm!r})"
+
+    def drop_cached(self, tenant_id: str) -> None:
+        """Forget every plaintext key of the tenant held in this process (its state
+        changed)."""
+        self.transit.drop_cached(tenant_id)
+        self.volumes.drop_cached(tenant_id)
+
+    def sweep_caches(self) -> int:
+        """Forget expired keys and those of tenants whose state changed in another
+        process; returns how many were dropped."""
+        return self.transit.sweep_cache() + self.volumes.sweep_cache()
 
     def initialize(self) -> dict[str, str]:
         """Idempotent `kms init`: schema, token self-test, service keys.

@@ -12,13 +12,11 @@ import functools
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kms import aead
@@ -45,6 +43,7 @@ from kms.errors import (
     NotFound,
     Unauthenticated,
 )
+from kms.keycache import KeyCache
 from kms.keyring import Keyring
 from kms.models import AppKey, AppKeyVersion, Tenant
 from kms.principals import LIVE_PRINCIPAL_SQL
@@ -161,58 +160,12 @@ def _still_usable(caller: Caller, key_id: int, versions: Sequence[int],
                        check)
 
 
-class _KeyCache:
-    """LRU of unwrapped version keys, keyed by (tenant, key, version, tenant epoch)."""
-
-    def __init__(self, capacity: int):
-        self._capacity = capacity
-        self._items: OrderedDict[tuple[str, str, int, int], AESGCM] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, k: tuple[str, str, int, int]) -> AESGCM | None:
-        with self._lock:
-            value = self._items.get(k)
-            if value is not None:
-                self._items.move_to_end(k)
-            return value
-
-    def put(self, k: tuple[str, str, int, int], value: AESGCM) -> None:
-        if self._capacity == 0:
-            return
-        with self._lock:
-            self._items[k] = value
-            self._items.move_to_end(k)
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
-
-    def drop(self, tenant_id: str) -> int:
-        with self._lock:
-            gone = [k for k in self._items if k[0] == tenant_id]
-            for k in gone:
-                del self._items[k]
-            return len(gone)
-
-    def drop_epoch(self, tenant_id: str, epoch: int) -> int:
-        with self._lock:
-            gone = [k for k in self._items if k[0] == tenant_id and k[3] == epoch]
-            for k in gone:
-                del self._items[k]
-            return len(gone)
-
-    def tenant_epochs(self) -> dict[str, set[int]]:
-        with self._lock:
-            out: dict[str, set[int]] = {}
-            for k in self._items:
-                out.setdefault(k[0], set()).add(k[3])
-            return out
-
-
 class TransitService:
     def __init__(self, *, db: Database, keyring: Keyring, keys: AppKeyService,
                  limiter: UsageLimiter, cache_size: int, audit: AuditJournal,
                  batcher: AuditBatcher):
         self._db, self._keyring, self._keys, self._limiter = db, keyring, keys, limiter
-        self._cache = _KeyCache(cache_size)
+        self._cache: KeyCache[AESGCM] = KeyCache(cache_size)
         self._audit, self._batcher = audit, batcher
         self._refill_lock = threading.Lock()
         self._refiller: ThreadPoolExecutor | None = None
@@ -225,20 +178,9 @@ class TransitService:
     def sweep_cache(self) -> int:
         """Drop cached keys of tenants whose state changed in another process (another
         replica, or `kms erasure run`); returns how many were dropped."""
-        live = self._cache.tenant_epochs()
-        if not live:
-            return 0
-        with self._db.read() as s:
-            current = {t.id: (t.epoch, t.status) for t in
-                       s.scalars(select(Tenant).where(Tenant.id.in_(list(live))))}
-        dropped = 0
-        for tenant_id, epochs in live.items():
-            epoch, status = current.get(tenant_id, (None, "erased"))
-            for stale in epochs - {epoch}:
-                dropped += self._cache.drop_epoch(tenant_id, stale)
-            if status not in ("active", "notice"):
-                dropped += self._cache.drop(tenant_id)
-                self._limiter.forget(tenant_id)
+        dropped, unusable = self._cache.sweep(self._db)
+        for tenant_id in unusable:
+            self._limiter.forget(tenant_id)
         return dropped
 
     # -- single operations ------------------------------------------------------------

@@ -2,6 +2,16 @@
 
 A volume key is random bytes from the OS CSPRNG, wrapped by the tenant's KEK inside the
 token; only the wrapped blob is stored. Fetching the key unwraps it for the caller.
+
+A released key is kept in the process's memory for a bounded time (`cache_seconds`,
+60 s by default; 0 keeps none), so that a key fetched again (a boot storm, a retry, a
+volume attached on several hosts) skips the token. Each fetch still reads the volume's
+row first, so the cache serves only what the database would release now: an entry is
+found only under the same tenant epoch (every state change bumps it, and drops the
+tenant's entries in this process), the same wrapped blob (a volume deleted and created
+again, or rewrapped by a KEK rotation, misses) and the same KEK. Deleting a volume drops
+its entry at once in this process; other processes forget it at the latest when its
+time runs out.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from kms.errors import (
     NotFound,
     Unauthenticated,
 )
+from kms.keycache import KeyCache
 from kms.keyring import KeyPlace, Keyring
 from kms.models import DeletedVolume, Kek, Volume
 from kms.principals import LIVE_PRINCIPAL_SQL
@@ -69,7 +80,7 @@ def _place(tenant_id: str, volume_id: str) -> KeyPlace:
     return KeyPlace(tenant_id, "volume", volume_id, 1)
 
 
-_FETCH = ("SELECT t.status, v.volume_id, v.cipher, v.key_bits, v.wrapped_key, k.cka_id, "
+_FETCH = ("SELECT t.status, t.epoch, v.volume_id, v.cipher, v.key_bits, v.wrapped_key, k.cka_id, "
           "k.state, v.created_at, v.kek_generation FROM tenants t "
           "LEFT JOIN volumes v ON v.tenant_id = t.id AND v.volume_id = ? "
           "LEFT JOIN keks k ON k.tenant_id = t.id AND k.generation = v.kek_generation "
@@ -110,10 +121,24 @@ def _view(v: Volume) -> VolumeView:
 
 class VolumeService:
     def __init__(self, *, db: Database, keyring: Keyring, clock: Clock, audit: AuditJournal,
-                 batcher: AuditBatcher, rotation_period: timedelta = timedelta(days=90)):
+                 batcher: AuditBatcher, rotation_period: timedelta = timedelta(days=90),
+                 cache_size: int = 10_000, cache_seconds: float = 60.0):
         self._db, self._keyring, self._clock = db, keyring, clock
         self._audit, self._batcher = audit, batcher
         self._rotation_period = rotation_period
+        # (tenant, volume id, wrapped blob, KEK CKA_ID, tenant epoch) -> the key
+        self._cache: KeyCache[bytes] = KeyCache(cache_size, ttl=cache_seconds)
+
+    def __repr__(self) -> str:
+        return f"VolumeService(cache={self._cache!r})"
+
+    def drop_cached(self, tenant_id: str) -> None:
+        self._cache.drop(tenant_id)
+
+    def sweep_cache(self) -> int:
+        """Forget expired keys, and those of tenants whose state changed in another
+        process; returns how many were dropped."""
+        return self._cache.sweep(self._db)[0]
 
     def create(self, caller: Caller, *, volume_id: str, cipher: str, key_bits: int) -> VolumeView:
         """Create a volume and its key. Raises AlreadyExists if the id is taken."""
@@ -201,15 +226,20 @@ class VolumeService:
         row = self._db.fetchone(self._db.sql(_FETCH), (volume_id, caller.tenant_id))
         if row is None:
             raise NotFound("no such tenant")
-        (status, found, cipher, key_bits, wrapped, kek_cka_id, kek_state, created_at,
+        (status, epoch, found, cipher, key_bits, wrapped, kek_cka_id, kek_state, created_at,
          generation) = row
         require_usable_status(status)
         if found is None:
             raise NotFound("no such volume", what="volume")
         if kek_cka_id is None or kek_state == "destroyed":
             raise KeyIntegrityError("KEK generation missing or destroyed")
-        key = self._keyring.unwrap_with(kek_cka_id, _place(caller.tenant_id, volume_id),
-                                        bytes(wrapped))
+        wrapped = bytes(wrapped)
+        cache_key = (caller.tenant_id, volume_id, wrapped, kek_cka_id, epoch)
+        key = self._cache.get(cache_key)
+        if key is None:
+            key = self._keyring.unwrap_with(kek_cka_id, _place(caller.tenant_id, volume_id),
+                                            wrapped)
+            self._cache.put(cache_key, key)
         released = VolumeKey(found, cipher, key_bits, SecretBytes(key))
         # No key leaves before its release is in the journal.
         # and none after the volume's deletion has committed: the event is written only
@@ -221,7 +251,7 @@ class VolumeService:
             requires=Requirement(_STILL_RELEASABLE,
                                  (caller.principal_id, volume_id, caller.tenant_id),
                                  functools.partial(_still_releasable, created_at,
-                                                   bytes(wrapped), generation))))
+                                                   wrapped, generation))))
         return released
 
     def delete(self, caller: Caller, volume_id: str) -> dict[str, Any]:
@@ -240,7 +270,9 @@ class VolumeService:
             self._audit.record(s, action="volume.delete", tenant_id=caller.tenant_id,
                                object=f"volume:{volume_id}", actor=caller.actor)
             s.flush()
-            return self._deleted_status(s, record)
+            out = self._deleted_status(s, record)
+        self._cache.drop_where(lambda k: k[0] == caller.tenant_id and k[1] == volume_id)
+        return out
 
     def status(self, caller: Caller, volume_id: str) -> dict[str, Any]:
         """A live volume's metadata, or a deleted one's erasure status."""

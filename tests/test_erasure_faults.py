@@ -65,7 +65,7 @@ class FaultyHsm:
 
 def runner(kms, *, hsm=None, after_step=None) -> ErasureRunner:  # type: ignore[no-untyped-def]
     return ErasureRunner(db=kms.db, hsm=hsm or kms.hsm, signer=kms.signer, clock=kms.clock,
-                         drop_cached=kms.transit.drop_cached, audit=kms.audit,
+                         drop_cached=kms.drop_cached, audit=kms.audit,
                          after_step=after_step)
 
 
