@@ -492,6 +492,9 @@ def main() -> int:
         tenant = _setup_tenant(home, kms_http, run_dir)
         kms_noaudit = start_kms(procs, home, run_dir, "kms-http-noaudit",
                                 KMS_AUDIT_DATA_PLANE="false")
+        # Volume keys always from the token (a first release): the cache off.
+        kms_cold = start_kms(procs, home, run_dir, "kms-http-nocache",
+                             KMS_VOLUME_KEY_CACHE_SECONDS="0")
         kms_tls = start_kms(procs, home, run_dir, "kms-tls", tls=True)
         kms_tls_noaudit = start_kms(procs, home, run_dir, "kms-tls-noaudit", tls=True,
                                     KMS_AUDIT_DATA_PLANE="false")
@@ -515,6 +518,7 @@ def main() -> int:
                                    timeout=300, cpus=SERVER_CPUS)
 
         tg = {"http": _targets(kms_http, tenant), "noaudit": _targets(kms_noaudit, tenant),
+              "cold": _targets(kms_cold, tenant),
               "tls": _targets(kms_tls, tenant), "bare": _targets(bare_http, tenant),
               "bare-tls": _targets(bare_tls, tenant), "probe": _probe_targets(probe_http, tenant)}
         R = cfg.reps
@@ -525,17 +529,20 @@ def main() -> int:
             ("probe-auth", "the same route, after authenticating (inline call)", probe_http,
              tg["probe"]["auth"], R, "probe"),
             ("encrypt", "encrypt 1 KiB", kms_http, tg["http"]["encrypt"], R, "http"),
-            ("keyfetch", "volume key fetch", kms_http, tg["http"]["keyfetch"], R, "http"),
+            ("keyfetch", "volume key fetch (cached key)", kms_http, tg["http"]["keyfetch"], R,
+             "http"),
+            ("keyfetch-cold", "volume key fetch, cache off (every fetch unwraps in the token)",
+             kms_cold, tg["cold"]["keyfetch"], R, "http"),
             # Journal off, right after: the journal's cost per request is on − off.
             ("encrypt-noaudit", "encrypt 1 KiB", kms_noaudit, tg["noaudit"]["encrypt"], R,
              "noaudit"),
-            ("keyfetch-noaudit", "volume key fetch", kms_noaudit, tg["noaudit"]["keyfetch"], R,
+            ("keyfetch-noaudit", "volume key fetch (cached key)", kms_noaudit, tg["noaudit"]["keyfetch"], R,
              "noaudit"),
             # The group commit's hand-offs alone (the writer writes nothing): on − this is
             # the writer's own work over HTTP, this − off what handing events to it costs.
             ("encrypt-handoffs", "encrypt 1 KiB", probe_http, tg["probe"]["encrypt"], R,
              "probe"),
-            ("keyfetch-handoffs", "volume key fetch", probe_http, tg["probe"]["keyfetch"], R,
+            ("keyfetch-handoffs", "volume key fetch (cached key)", probe_http, tg["probe"]["keyfetch"], R,
              "probe"),
             ("bare-sync", "bare, as a `def` route (one thread-pool hop)", bare_http,
              tg["bare"]["bare-sync"], 1, "http"),
@@ -562,7 +569,8 @@ def main() -> int:
         if py_spy is not None and py_spy.exists() and not args.skip_profile:
             results["profiles"] = profile_specs(
                 specs, [("bare", "gil", None), ("encrypt", "gil", None),
-                        ("keyfetch", "gil", None), ("batch", "gil", None),
+                        ("keyfetch", "gil", None), ("keyfetch-cold", "gil", None),
+                        ("batch", "gil", None),
                         ("encrypt-noaudit", "gil", None),
                         ("volcreate", "gil", None)],
                 cfg, run_dir, py_spy)
@@ -577,8 +585,8 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001 - recorded in the report
                 results["notes"].append(f"peer: {exc}")
                 log(f"peer failed: {exc}")
-        for p in (kms_http, kms_noaudit, kms_tls, kms_tls_noaudit, bare_http, bare_tls,
-                  probe_http):
+        for p in (kms_http, kms_noaudit, kms_cold, kms_tls, kms_tls_noaudit, bare_http,
+                  bare_tls, probe_http):
             procs.stop(p)
 
         # -- phase 5 --

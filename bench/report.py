@@ -126,7 +126,8 @@ def build_table(res: dict[str, Any]) -> Table:
                     ratio = paired_ratio(http, key, "bare", c) if bare else None
                     t.row(http[key]["label"], str(c), per_s(a), _ms(a["p50"]), _ms(a["p99"]),
                           f"{_pct(ratio)} of bare" if ratio is not None else "")
-        for key, target in (("encrypt", 0.70), ("keyfetch", 0.60), ("decrypt", None),
+        for key, target in (("encrypt", 0.70), ("keyfetch", 0.60), ("keyfetch-cold", 0.60),
+                            ("decrypt", None),
                             ("datakey", None), ("volcreate", None)):
             for c in conc:
                 a, bare = agg(http.get(key), c), agg(http.get("bare"), c)
