@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,7 +34,7 @@ def create_app(settings: Settings, kms: Kms) -> FastAPI:
 
     app = _base_app("Tenant KMS — API locataire", settings, kms, openapi="/v1/openapi.json",
                     credentials=credentials)
-    app.include_router(router)
+    _add_routes(app, router)
     return app
 
 
@@ -48,8 +48,18 @@ def create_admin_app(settings: Settings, kms: Kms) -> FastAPI:
 
     app = _base_app("Tenant KMS — API d'administration", settings, kms,
                     openapi="/admin/v1/openapi.json", credentials=credentials)
-    app.include_router(router)
+    _add_routes(app, router)
     return app
+
+
+def _add_routes(app: FastAPI, router: APIRouter) -> None:
+    """The router's routes on the app's own router, first and in their order. FastAPI's
+    `include_router` (0.165) keeps the router as a nested branch that every request
+    matches twice and walks again for its version: about a seventh of an encrypt's CPU in
+    process. The routes carry their full paths (the router's prefix) and no dependency
+    of the router, so they are the same routes either way."""
+    assert not router.dependencies and not router.tags
+    app.router.routes[0:0] = list(router.routes)
 
 
 def _base_app(title: str, settings: Settings, kms: Kms, *, openapi: str,

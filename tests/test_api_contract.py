@@ -16,6 +16,24 @@ def test_health_and_ready(client) -> None:  # type: ignore[no-untyped-def]
     assert r.status_code == 200 and r.json()["token"] and r.json()["database"]
 
 
+def test_openapi_documents_every_route_once(client, settings, kms) -> None:  # type: ignore[no-untyped-def]
+    """Both apps describe their whole router (the routes sit on the app's own router:
+    api.app._add_routes), every path and method of it and nothing else."""
+    from fastapi.testclient import TestClient
+
+    from api.admin_routes import router as admin_router
+    from api.app import create_admin_app
+    from api.tenant_routes import router as tenant_router
+
+    admin = TestClient(create_admin_app(settings, kms))
+    for c, url, router in ((client, "/v1/openapi.json", tenant_router),
+                           (admin, "/admin/v1/openapi.json", admin_router)):
+        paths = c.get(url).json()["paths"]
+        want = {(r.path, m.lower()) for r in router.routes for m in r.methods}
+        got = {(p, m) for p, ops in paths.items() for m in ops}
+        assert want == got and len(want) > 5
+
+
 def test_volume_lifecycle(client, tenant) -> None:  # type: ignore[no-untyped-def]
     """Create → 201 with the contract's fields; again → 409; key → 512 bits; delete → 204;
     then the key answers 404."""
