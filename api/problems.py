@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from api.responses import Json
 from kms import errors as e
 
 PROBLEM_TYPE_BASE = "https://kms.invalid/problems/"
@@ -128,8 +129,8 @@ def problem(code: str, lang: str, *, field: str | None = None) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if status == 503:
         headers["Retry-After"] = "1"
-    return JSONResponse(body, status_code=status, headers=headers,
-                        media_type="application/problem+json")
+    return Json(body, status_code=status, headers=headers,
+                media_type="application/problem+json")
 
 
 def status_of(code: str) -> int:

@@ -17,10 +17,11 @@ from typing import Annotated, Any, TypeVar
 import pybase64
 from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from api.deps import bearer
 from api.problems import language, status_of
+from api.responses import Json
 from api.run import run
 from api.strict_json import StrictJsonRoute
 from kms.audit import current_context
@@ -156,7 +157,7 @@ async def encrypt(name: str, body: EncryptBody, request: Request) -> Response:
             ciphertext, version = kms.transit.encrypt(
                 caller, name, _b64(body.plaintext, "plaintext"),
                 context=_b64(body.context, "context"))
-            return JSONResponse({"ciphertext": ciphertext, "key_version": version})
+            return Json({"ciphertext": ciphertext, "key_version": version})
         items = [(_b64(i.plaintext, f"batch.{n}.plaintext"),
                   _b64(i.context, f"batch.{n}.context")) for n, i in enumerate(body.batch)]
         results = kms.transit.encrypt_batch(caller, name, items)
@@ -195,7 +196,7 @@ async def rewrap(name: str, body: DecryptItem, request: Request) -> Response:
     def op(kms: Kms, caller: Caller) -> Response:
         ciphertext, version = kms.transit.rewrap(caller, name, body.ciphertext,
                                                  context=_b64(body.context, "context"))
-        return JSONResponse({"ciphertext": ciphertext, "key_version": version})
+        return Json({"ciphertext": ciphertext, "key_version": version})
 
     return await as_caller(request, op)
 
@@ -346,4 +347,4 @@ def _no_store(body: dict[str, Any], lang: str | None = None) -> Response:
     headers = {"Cache-Control": "no-store"}
     if lang:
         headers["Content-Language"] = lang
-    return JSONResponse(body, headers=headers)
+    return Json(body, headers=headers)
