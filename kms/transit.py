@@ -308,11 +308,9 @@ class TransitService:
         """Seal under the latest version; `opened`: the version a rewrap decrypted."""
         check_identifier(name, field="name")
         key_id, version, cipher = self._reserve(caller, name, len(items))
-        out = []
         prefix = aead.app_aad_prefix(key_name=name, version=version)
-        for plaintext, context in items:
-            blob = aead.seal(cipher, plaintext, aad=aead.app_aad_with(prefix, context))
-            out.append(ItemResult(aead.format_ciphertext(version, blob), version))
+        out = [ItemResult(text, version)
+               for text in aead.seal_formatted(cipher, version, prefix, items)]
         requires = _still_usable(caller, key_id, [version], SEALABLE, min_applies=False) \
             if opened is None else _still_usable(caller, key_id, [opened, version],
                                                  REWRAPPABLE, min_applies=True)

@@ -59,6 +59,29 @@ def test_nist_gcm_vectors_through_the_in_process_path(key, iv, pt, aad, ct, tag)
         aead.open_sealed(cipher, sealed[:-1] + bytes([sealed[-1] ^ 1]), aad=bytes.fromhex(aad))
 
 
+def test_a_batch_is_sealed_as_one_item_at_a_time_would_be() -> None:
+    """aead.seal_formatted (the batch path: nonces drawn in one call) writes what
+    format_ciphertext(seal(...)) writes: each item opens under its own AAD and no other,
+    and every nonce is fresh."""
+    cipher = AESGCM(os.urandom(32))
+    prefix = aead.app_aad_prefix(key_name="k", version=7)
+    items = [(os.urandom(n), ctx) for n, ctx in ((0, b""), (1, b"a"), (1024, b""),
+                                                  (33, b"ctx" * 50))] * 50
+    out = aead.seal_formatted(cipher, 7, prefix, items)
+    assert len(out) == len(items)
+    nonces = set()
+    for text, (plaintext, context) in zip(out, items, strict=True):
+        version, blob = aead.parse_ciphertext(text)
+        assert version == 7
+        nonces.add(blob[:aead.NONCE_BYTES])
+        aad = aead.app_aad(key_name="k", version=7, context=context)
+        assert aead.open_sealed(cipher, blob, aad=aad) == plaintext
+        with pytest.raises(DecryptionFailed):
+            aead.open_sealed(cipher, blob, aad=aad + b"x")
+    assert len(nonces) == len(items)
+    assert aead.seal_formatted(cipher, 7, prefix, []) == []
+
+
 def small_cap_kms(kms: Kms, clock: FixedClock, db: Any = None, cap: int = 5) -> Kms:
     return Kms(db=db or kms.db, hsm=kms.hsm, clock=clock,
                options=KmsOptions(key_version_max_encryptions=cap))
