@@ -17,7 +17,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 
 from api.problems import language, problem
-from kms.audit import AuditContext, audit_context
+from kms.audit import AuditContext, enter_audit_context, leave_audit_context
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _WITH_BODY = ("POST", "PUT", "PATCH")
@@ -102,7 +102,8 @@ class RequestContext:
                     raise _TooLarge()
             return message
 
-        with audit_context(ctx):
+        context_token = enter_audit_context(ctx)  # audit_context(), without contextlib
+        try:
             try:
                 if declared is not None and int(declared) > LARGE_BODY:
                     # Large bodies (batches) are read and worked on a few at a time: the
@@ -116,6 +117,8 @@ class RequestContext:
             except _TooLarge:
                 if not started:
                     await refuse("payload_too_large")
+        finally:
+            leave_audit_context(context_token)
 
     def _large(self) -> asyncio.Semaphore:
         # One per event loop (asyncio primitives belong to the loop that first uses them).

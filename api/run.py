@@ -31,13 +31,15 @@ async def run(fn: Callable[[], T], *, offload: bool = False) -> T:
     blocked = False
     error: BaseException | None = None
     result: Any = None
-    with inline.inline() as pending:
-        try:
-            result = fn()
-        except inline.WouldBlock:
-            blocked = True
-        except Exception as exc:  # noqa: BLE001 - re-raised once the journal has answered
-            error = exc
+    pending, token = inline.enter()  # inline.inline(), without contextlib's cost
+    try:
+        result = fn()
+    except inline.WouldBlock:
+        blocked = True
+    except Exception as exc:  # noqa: BLE001 - re-raised once the journal has answered
+        error = exc
+    finally:
+        inline.leave(token)
     if pending:
         await _settle(pending)
     if error is not None:

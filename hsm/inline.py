@@ -48,9 +48,19 @@ def defer(future: Any) -> bool:
 
 @contextmanager
 def inline() -> Iterator[list[Any]]:
-    pending: list[Any] = []
-    token = _pending.set(pending)
+    pending, token = enter()
     try:
         yield pending
     finally:
-        _pending.reset(token)
+        leave(token)
+
+
+def enter() -> tuple[list[Any], contextvars.Token[list[Any] | None]]:
+    """`inline()` without a context manager, for the hot path (`api.run`): start inline
+    work; returns its pending futures and the token to pass to `leave`."""
+    pending: list[Any] = []
+    return pending, _pending.set(pending)
+
+
+def leave(token: contextvars.Token[list[Any] | None]) -> None:
+    _pending.reset(token)

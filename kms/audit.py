@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from json.encoder import encode_basestring as _json_str
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, event, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -134,7 +134,7 @@ class AuditContext:
     """Who is acting, for which request, from where. Mutable: the API's auth dependency
     fills `actor` in after the middleware created the context."""
 
-    request_id: str = field(default_factory=lambda: f"r-{secrets.token_hex(8)}")
+    request_id: str = field(default_factory=lambda: f"r-{os.urandom(8).hex()}")
     source: str = "local"
     actor: str = "system"
 
@@ -150,11 +150,20 @@ def current_context() -> AuditContext:
 
 @contextmanager
 def audit_context(ctx: AuditContext) -> Iterator[AuditContext]:
-    token = _context.set(ctx)
+    token = enter_audit_context(ctx)
     try:
         yield ctx
     finally:
-        _context.reset(token)
+        leave_audit_context(token)
+
+
+def enter_audit_context(ctx: AuditContext) -> contextvars.Token[AuditContext | None]:
+    """`audit_context` without a context manager (the API's middleware, every request)."""
+    return _context.set(ctx)
+
+
+def leave_audit_context(token: contextvars.Token[AuditContext | None]) -> None:
+    _context.reset(token)
 
 
 def canonical(body: dict[str, Any]) -> bytes:
@@ -188,8 +197,7 @@ def _link(body: bytes, mac: str) -> str:
     return hashlib.sha256(body + mac.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class Requirement:
+class Requirement(NamedTuple):
     """What must still hold when a release's event is committed, read under the journal's
     lock (so after every state change whose own event came before): `sql` with `params`
     returns at most one row, and `check(row)` raises the KmsError the caller then gets
@@ -200,8 +208,9 @@ class Requirement:
     check: Callable[[tuple[Any, ...] | None], None]
 
 
-@dataclass(frozen=True)
-class PendingEvent:
+class PendingEvent(NamedTuple):
+    """One data-plane event waiting for its commit (a named tuple: one per request)."""
+
     action: str
     tenant_id: str | None
     object: str

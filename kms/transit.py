@@ -15,6 +15,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.orm import Session
@@ -64,9 +65,10 @@ class DataKey:
     ciphertext: str
 
 
-@dataclass(frozen=True)
-class ItemResult:
-    """One batch item: a value, or the error code and status it would have had alone."""
+class ItemResult(NamedTuple):
+    """One batch item: a value, or the error code and status it would have had alone.
+    (A named tuple: a batch makes a thousand, and a frozen dataclass takes twice as long
+    to build.)"""
 
     value: str | SecretBytes | None = None
     version: int | None = None
