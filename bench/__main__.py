@@ -536,14 +536,14 @@ def main() -> int:
             # Journal off, right after: the journal's cost per request is on − off.
             ("encrypt-noaudit", "encrypt 1 KiB", kms_noaudit, tg["noaudit"]["encrypt"], R,
              "noaudit"),
-            ("keyfetch-noaudit", "volume key fetch (cached key)", kms_noaudit, tg["noaudit"]["keyfetch"], R,
-             "noaudit"),
+            ("keyfetch-noaudit", "volume key fetch (cached key)", kms_noaudit,
+             tg["noaudit"]["keyfetch"], R, "noaudit"),
             # The group commit's hand-offs alone (the writer writes nothing): on − this is
             # the writer's own work over HTTP, this − off what handing events to it costs.
             ("encrypt-handoffs", "encrypt 1 KiB", probe_http, tg["probe"]["encrypt"], R,
              "probe"),
-            ("keyfetch-handoffs", "volume key fetch (cached key)", probe_http, tg["probe"]["keyfetch"], R,
-             "probe"),
+            ("keyfetch-handoffs", "volume key fetch (cached key)", probe_http,
+             tg["probe"]["keyfetch"], R, "probe"),
             ("bare-sync", "bare, as a `def` route (one thread-pool hop)", bare_http,
              tg["bare"]["bare-sync"], 1, "http"),
             ("batch", "batch encrypt 1000 x 1 KiB", kms_http, tg["http"]["batch"], R, "http"),

@@ -110,50 +110,40 @@ def _changes(x: _Ctx) -> str:
     ceil = x.res.get("ceilings") or {}
     unwrap = (ceil.get("hsm_gcm_decrypt_64b") or {}).get("rate")
     aes = (ceil.get("aesgcm_encrypt_1k") or {}).get("rate")
-    host = (f"This run's host was much slower and noisier: the SoftHSM unwrap ceiling "
-            f"{_r(unwrap)} op/s against 33,706 then, AES-GCM {_r(aes)} against 708,414 "
-            "op/s, the bare endpoint at c=16 1.7 times slower. Absolute figures (batch "
-            "encrypt's 50,000 items/s among them) moved with it; the ratios are what this "
-            "run compares, and even they moved by tens of points between quick runs made "
-            "minutes apart while writing this." if unwrap and aes else "")
-    facts = _floor(x)[1].get("facts", {})
-    fe, fk = facts.get("encrypt") or {}, facts.get("keyfetch") or {}
-    hand_e, hand_k = fe.get("handoffs"), fk.get("handoffs")
-    all_e, all_k = fe.get("journal"), fk.get("journal")
-    return f"""### 0. What changed since the previous run (12:05 on 2026-12-04)
+    bare16 = x.rate("bare", 16)
+    host = (f"Host: the SoftHSM unwrap ceiling is {_r(unwrap)} op/s in this run against "
+            f"14,653 then, AES-GCM {_r(aes)} against 631,403 op/s, the bare endpoint at "
+            f"c=16 {_r(bare16)} against 1,869 req/s; absolute figures move with the host "
+            "(it was twice as fast at 12:05 as at 17:18), the ratios are what a run "
+            "compares." if unwrap and aes else "")
+    return f"""### 0. What changed since the previous run (17:18 on 2026-12-04)
 
-The previous BENCHMARKS.md measured encrypt at 708 / 1,651 / 1,905 req/s (c=1/16/64;
-29% / 52% / 65% of bare) and key fetch at 723 / 1,249 / 1,773 (30% / 47% / 59%).
+The previous BENCHMARKS.md measured encrypt at 308 / 941 / 1,151 req/s (c=1/16/64;
+31% / 52% / 59% of bare), key fetch at 317 / 833 / 955 (28% / 48% / 53%), batch encrypt
+at 35,549 / 41,577 / 31,057 items/s, on a host much slower than the run before it.
 {host}
 
-- **The bench** runs a third server beside journal on and journal off: the service's app
-  whose journal writer writes nothing (`bench.bare --service-app --journal-handoffs-only`),
-  so that the journal's cost splits into handing the events to the writer and the
-  writer's own work (rows "journal hand-offs only", and two lines in section 1's table).
-  At c=16 in this run the hand-offs cost {_r(hand_e)} µs of CPU per encrypt and
-  {_r(hand_k)} per key fetch, against {_r(all_e)} and {_r(all_k)} µs for the whole journal
-  (on − off): the journal's cost is mostly the writer's own work, not the thread beside
-  the loop (quick runs alternated while writing this agreed).
-- **The journal's writer** does less per commit: canonical JSON written out for the
-  event's fixed fields (a property test holds it to `json.dumps` byte for byte), rows as
-  tuples, one timestamp per commit, `hmac.digest`, and a SQLite connection of the
-  writer's thread instead of a pool checkout. In process, alternating the two versions
-  twice on a loaded host, a commit of 8 events took 772–776 µs of CPU against 999–1,241,
-  a commit of 1 event 598–612 against 694–807.
-- **Releases recheck their state at commit** (a break-it trial's finding: the old key of
-  a volume deleted and created again under the same id, and plaintext after a suspend, the
-  start of an erasure or a destroyed version, could leave while their events came after
-  the change). Each release's event now carries a check read under the journal's lock:
-  one more statement per commit for each distinct key or volume in the batch (identical
-  checks are read once). The bench's single key and single volume make it one statement
-  a commit.
-- **Tried, and not kept**: gathering a loop's events over several iterations while
-  requests keep arriving (up to 5 ms) before waking the writer; in quick runs alternated
-  twice, CPU per encrypt against the bare endpoint's moved from 1.59–1.93× to 1.48–1.94×
-  at c=16 and from 1.28–1.54× to 1.46–1.88× at c=64: no gain. Waiting up to 0.5 ms for the
-  token's lock on the loop instead of falling back to a thread: the fallbacks under load
-  went from about 4% to 3% of key fetches, since most of them wait for an anchor write
-  (milliseconds): no gain either."""
+- **A volume key cache.** Every key fetch unwrapped the volume key in the token (a
+  SoftHSM operation, cache-cold between requests: section 1). A released key is now
+  served again from memory for at most `KMS_VOLUME_KEY_CACHE_SECONDS` (60 s by default,
+  0 disables; capacity `KMS_KEY_CACHE_SIZE`), keyed by the tenant's state epoch, the
+  wrapped blob and the KEK, so that a suspend, an erasure, a KEK rotation or a volume
+  deleted and created again under the same id never gets the old key; the volume's row
+  is still read and its event journaled on every fetch. The row "volume key fetch" is
+  now the cached path; "volume key fetch, cache off" is every fetch unwrapping in the
+  token, as a first release does.
+- **The web layer, attributed and cut** (in process, journal off, one core, CPU per
+  encrypt): FastAPI 0.165 dispatches a router added with `include_router` through a
+  nested branch that matched every request twice; the routes now sit on the app's own
+  router (168 → 150 µs; a test holds the OpenAPI document to every route once).
+  Answers and problems are written by `pydantic_core.to_json` instead of
+  `JSONResponse`'s `json.dumps` (5.0 → 1.6 µs an answer, 150 → 144 µs per encrypt; a
+  property test holds them to the same bytes). The two context variables a request sets
+  are set and reset without `contextlib` (0.83 → 0.11 µs each).
+- **Batch encrypt**: one `os.urandom` call for a batch's nonces instead of one per item,
+  an answer of one key version written in one join checked once over all items, items
+  as named tuples rather than frozen dataclasses (0.61 → 0.33 µs each): 3–8% of a
+  batch's CPU in process."""
 
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
@@ -410,12 +400,16 @@ What it would take, and why it is not done:
 - **The rest** ({_r(fe.get('rest'))} µs per encrypt here) is mostly not the service's
   own web layer ({_r(web_layer)} µs in process: middleware, exception handlers, routing
   table, the inline call): the probe rows put the service's app answering the bare
-  constant at {_p(noop16)} of bare and the same after authenticating at {_p(auth16)}. What
-  remains lies between the route's body and the answer (the key lookup, base64, the
-  ciphertext's JSON answer) and in the HTTP server working for them; this run
-  does not attribute it further. A data-plane path beside FastAPI's request handling
-  would save at most the in-process figure; a compiled HTTP parser (`httptools`,
-  `uvloop`) would make the bare endpoint faster too, and the ratio no easier.
+  constant at {_p(noop16)} of bare and the same after authenticating at {_p(auth16)}.
+  Attributed in process this session (cProfile of the route against the bare one, and
+  the difference between variants): FastAPI's nested router branch matched every request
+  twice (18 µs of an encrypt: fixed), `JSONResponse` took 5 µs an answer (fixed, 1.6 µs),
+  `contextlib` around two context variables 1.4 µs (fixed); what remains is the key
+  lookup, the usage count and base64 in the route's body, the answer's headers, and the
+  HTTP server working for a larger response. A data-plane path beside FastAPI's request
+  handling would save at most the in-process web-layer figure; a compiled HTTP parser
+  (`httptools`, `uvloop`) would make the bare endpoint faster too, and the ratio no
+  easier.
 - **Concurrency 1 is out of reach by design.** Every request waits for the fsync'd commit
   of its own journal event (p50 {_r(x.sqlite_commit_ms(), 2)} ms for an SQLite commit here, see
   the ceilings) plus two thread wake-ups, against a bare round trip of
@@ -432,9 +426,9 @@ def _batch(x: _Ctx) -> str:
     verdict = "met at every concurrency" if len(ok) == 3 else (
         f"met at c={', '.join(map(str, ok))}" if ok else "missed")
     slow = "" if len(ok) == 3 else (
-        " The previous run (12:05 on 2026-12-04, a faster host: section 0) measured "
-        "64,572 / 50,933 / 52,101 items/s; the batch path changed since by one journal "
-        "check per commit, nothing per item.")
+        " The run of 12:05 on 2026-12-04, on a faster host, measured 64,572 / "
+        "50,933 / 52,101 items/s, the run of 17:18 35,549 / 41,577 / 31,057; the batch "
+        "path has only become cheaper since (section 0).")
     return f"""### 2. Batch encrypt ({verdict})
 
 {_r(rates.get(1))} / {_r(rates.get(16))} / {_r(rates.get(64))} items/s at concurrency 1 / 16 / 64
@@ -443,9 +437,10 @@ nothing but queueing. The GIL profile: base64, AES-GCM and hashing {_r(crypto, 0
 FastAPI/Starlette/json {_r(fw, 0)}% (`json.loads` of the body and pydantic's validation of
 1,000 items). Done: strict base64 through `pybase64` (SIMD; the standard library's
 decoder and encoder were a third of a batch's CPU in the previous profile, 3.4× and 4×
-slower in process), ciphertexts checked with `bytes.translate` before they are written
-into the answer, the AAD prefix built once per batch, the answer written without
-`json.dumps`. Left: parsing the body with one `pydantic_core` call from bytes. On a slow
+slower in process), the AAD prefix built once per batch, the nonces drawn in one
+`os.urandom` call, the answer written without `json.dumps` (in one join, its ciphertexts
+checked once with `bytes.translate`, when all items have one key version), items as
+named tuples. Left: parsing the body with one `pydantic_core` call from bytes. On a slow
 or busy host the 50,000 items/s are near the edge: this is one core doing 1 KiB AES-GCM,
 base64 both ways and JSON for every item (the AES-GCM ceiling in this run is
 {_r(aes_rate)} op/s).{slow}"""
