@@ -20,6 +20,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict
 
+from api.app import TELEMETRY_OFF
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -40,7 +42,9 @@ CONSTANT = {"ciphertext": "kms:v1:" + "A" * 1392, "key_version": 1}
 
 
 def create_bare_app() -> FastAPI:
-    app = FastAPI(title="bare", docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI configured as the service configures it (telemetry off: api.app).
+    app = FastAPI(title="bare", docs_url=None, redoc_url=None, openapi_url=None,
+                  telemetry=TELEMETRY_OFF)
 
     @app.post("/v1/keys/{name}/encrypt")
     async def encrypt(name: str, body: Body, request: Request) -> dict[str, Any]:

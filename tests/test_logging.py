@@ -46,3 +46,36 @@ def test_exceptions_are_logged_by_type_only(tmp_path: Path) -> None:
         record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     line = JsonFormatter().format(record)
     assert "secret-material-123" not in line and json.loads(line)["exc_type"] == "ValueError"
+
+
+def test_the_apps_report_nothing_to_an_opentelemetry_provider(
+        settings, kms, tenant, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """FastAPI 0.165 sends spans, metrics and log records (exception messages and stack
+    traces) to any OpenTelemetry provider configured in the process, and adds exporters
+    when FASTAPI_OTEL_AUTO_CONFIGURE=true. With providers configured and that variable
+    set, neither app asks a provider for anything: a request, a validation failure, an
+    unhandled error."""
+    from unittest import mock
+
+    from fastapi.testclient import TestClient
+    from opentelemetry import _logs, metrics, trace
+
+    from api.app import create_admin_app, create_app
+
+    providers = {name: mock.MagicMock(name=name) for name in ("trace", "metrics", "logs")}
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: providers["trace"])
+    monkeypatch.setattr(metrics, "get_meter_provider", lambda: providers["metrics"])
+    monkeypatch.setattr(_logs, "get_logger_provider", lambda: providers["logs"])
+    monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
+    app = tenant.auth("app")
+    with TestClient(create_app(settings, kms), raise_server_exceptions=False) as c, \
+            TestClient(create_admin_app(settings, kms), raise_server_exceptions=False) as a:
+        assert c.post("/v1/keys", json={"name": "otel"},
+                      headers=tenant.auth("tenant-admin")).status_code == 201
+        assert c.post("/v1/keys/otel/encrypt", json={"plaintext": "aGk="},
+                      headers=app).status_code == 200
+        assert c.post("/v1/keys/otel/encrypt", json={"plaintext": 5},
+                      headers=app).status_code == 400
+        assert a.get("/admin/v1/tenants").status_code == 401
+    for name, provider in providers.items():
+        assert provider.mock_calls == [], (name, provider.mock_calls[:3])
