@@ -179,6 +179,8 @@ def _targets(proc: Proc, t: dict[str, Any]) -> dict[str, wrk.Target]:
                            bodies["encrypt"]),
         "bare-sync": wrk.Target("bare-sync", p, "POST", "/v1/sync/keys/bench/encrypt",
                                 t["app"], tls, bodies["encrypt"]),
+        "bare-direct": wrk.Target("bare-direct", p, "POST", "/v1/direct/keys/bench/encrypt",
+                                  t["app"], tls, bodies["encrypt"]),
         "encrypt": wrk.Target("encrypt", p, "POST", "/v1/keys/bench/encrypt", t["app"], tls,
                               bodies["encrypt"]),
         "decrypt": wrk.Target("decrypt", p, "POST", "/v1/keys/bench/decrypt", t["app"], tls,
@@ -546,6 +548,8 @@ def main() -> int:
              tg["probe"]["keyfetch"], R, "probe"),
             ("bare-sync", "bare, as a `def` route (one thread-pool hop)", bare_http,
              tg["bare"]["bare-sync"], 1, "http"),
+            ("bare-direct", "bare, through the service's route class (called directly, "
+             "no dependency resolution)", bare_http, tg["bare"]["bare-direct"], R, "http"),
             ("batch", "batch encrypt 1000 x 1 KiB", kms_http, tg["http"]["batch"], R, "http"),
             ("decrypt", "decrypt 1 KiB", kms_http, tg["http"]["decrypt"], 1, "http"),
             ("datakey", "datakey 256", kms_http, tg["http"]["datakey"], 1, "http"),

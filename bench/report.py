@@ -119,7 +119,7 @@ def build_table(res: dict[str, Any]) -> Table:
             if bare:
                 t.row("bare endpoint: HTTP ceiling", str(c), per_s(bare), _ms(bare["p50"]),
                       _ms(bare["p99"]), f"server CPU {_pct(bare['server_cpu'])}", "ceiling")
-        for key in ("bare-sync", "probe-noop", "probe-auth"):
+        for key in ("bare-sync", "bare-direct", "probe-noop", "probe-auth"):
             for c in conc:
                 a, bare = agg(http.get(key), c), agg(http.get("bare"), c)
                 if a is not None:
