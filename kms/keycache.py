@@ -81,6 +81,10 @@ class KeyCache(Generic[V]):
                 del self._items[k]
             return len(keys)
 
+    def keys(self) -> list[CacheKey]:
+        with self._lock:
+            return list(self._items)
+
     def tenant_epochs(self) -> dict[str, set[int]]:
         with self._lock:
             out: dict[str, set[int]] = {}

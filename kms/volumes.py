@@ -136,9 +136,29 @@ class VolumeService:
         self._cache.drop(tenant_id)
 
     def sweep_cache(self) -> int:
-        """Forget expired keys, and those of tenants whose state changed in another
-        process; returns how many were dropped."""
-        return self._cache.sweep(self._db)[0]
+        """Forget expired keys, those of tenants whose state changed in another process,
+        and those whose volume is no longer the one the key was released for: deleted
+        (by another replica, or while this process was releasing it) or rewrapped by a
+        KEK rotation. Such a key is never served again (the volume's row is read on every
+        fetch); the sweep keeps it from lingering in memory until its time limit.
+        Returns how many were dropped."""
+        dropped = self._cache.sweep(self._db)[0]
+        held: dict[str, list[str]] = {}
+        for k in self._cache.keys():
+            held.setdefault(str(k[0]), []).append(str(k[1]))
+        if not held:
+            return dropped
+        live: set[tuple[str, str, bytes]] = set()
+        with self._db.read() as s:
+            for tenant_id, volume_ids in held.items():
+                for i in range(0, len(volume_ids), 500):
+                    rows = s.execute(
+                        select(Volume.volume_id, Volume.wrapped_key).where(
+                            Volume.tenant_id == tenant_id,
+                            Volume.volume_id.in_(volume_ids[i:i + 500])))
+                    live.update((tenant_id, v, bytes(w)) for v, w in rows)
+        return dropped + self._cache.drop_where(
+            lambda k: (k[0], k[1], k[2]) not in live)
 
     def create(self, caller: Caller, *, volume_id: str, cipher: str, key_bits: int) -> VolumeView:
         """Create a volume and its key. Raises AlreadyExists if the id is taken."""

@@ -166,3 +166,34 @@ def test_erasure_leaves_no_key_of_the_tenant_in_memory(clocked) -> None:  # type
     clock.advance(timedelta(days=21))
     assert kms.erasure.erase(tid).state == "erased"
     assert tid not in cached_tenants(kms)
+
+
+def test_the_sweep_forgets_a_volume_deleted_or_rewrapped_elsewhere(clocked, settings) -> None:  # type: ignore[no-untyped-def]
+    """A break-it trial's finding: a key released here stayed in memory until its time
+    limit after another replica deleted the volume (never served: the row is read on
+    every fetch). The sweep now forgets it, and a key whose blob a KEK rotation
+    rewrapped; the other volumes' keys stay."""
+    from cli.wiring import build_kms
+
+    kms, clock = clocked
+    tid, callers, tokens = populate(kms, "vk swept volume", volumes=3, keys=0)
+    hv = callers["hypervisor"]
+    for v in ("vol-0", "vol-1", "vol-2"):
+        kms.volumes.fetch_key(hv, v)
+
+    def held() -> set[str]:
+        return {str(k[1]) for k in kms.volumes._cache.keys() if k[0] == tid}
+
+    other = build_kms(settings, clock=clock)
+    try:
+        other.volumes.delete(other.principals.authenticate(tokens["hypervisor"]), "vol-1")
+    finally:
+        other.db.dispose()
+    assert held() == {"vol-0", "vol-1", "vol-2"}
+    assert kms.sweep_caches() == 1
+    assert held() == {"vol-0", "vol-2"}
+    kms.kek_rotation.rotate(tid)
+    assert kms.sweep_caches() == 2
+    assert held() == set()
+    kms.volumes.fetch_key(hv, "vol-0")
+    assert kms.sweep_caches() == 0 and held() == {"vol-0"}
