@@ -12,13 +12,24 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "color_message"}
 
 
+def _message(record: logging.LogRecord) -> str:
+    """The record's message; uvicorn's access line without the query string's contents
+    (a client that puts a token there, `?access_token=…`, must not find it in the log):
+    `/path?…` says that there was one."""
+    args = record.args
+    if (record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) >= 3
+            and isinstance(args[2], str) and "?" in args[2]):
+        return str(record.msg) % (*args[:2], args[2].partition("?")[0] + "?…", *args[3:])
+    return record.getMessage()
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _message(record),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):

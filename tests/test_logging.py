@@ -79,3 +79,32 @@ def test_the_apps_report_nothing_to_an_opentelemetry_provider(
         assert a.get("/admin/v1/tenants").status_code == 401
     for name, provider in providers.items():
         assert provider.mock_calls == [], (name, provider.mock_calls[:3])
+
+
+def test_the_access_line_leaves_out_the_query_string(tmp_path: Path) -> None:
+    """A break-it trial's finding: `GET /v1/volumes?access_token=<token>` (refused, 401)
+    put the token in uvicorn's access line. The line keeps the path and that there was a
+    query, nothing of it."""
+    path = tmp_path / "kms.log"
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    access = logging.getLogger("uvicorn.access")
+    try:
+        configure_logging("INFO", str(path))
+        # What uvicorn's h11 protocol logs for each request (uvicorn 0.55).
+        access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET",
+                    "/v1/volumes?access_token=kms_tok_SECRET&x", "1.1", 401)
+        access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", "/v1/volumes",
+                    "1.1", 200)
+        for h in root.handlers:
+            h.flush()
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    text = path.read_text()
+    lines = [json.loads(x)["msg"] for x in text.splitlines()]
+    assert "SECRET" not in text and "access_token" not in text
+    assert lines == ['127.0.0.1:5000 - "GET /v1/volumes?… HTTP/1.1" 401',
+                     '127.0.0.1:5000 - "GET /v1/volumes HTTP/1.1" 200']
