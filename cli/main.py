@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from hsm import HsmError
 from kms.audit import AuditContext, audit_context
@@ -71,6 +72,10 @@ def command(fn: F) -> F:
             fail(f"{exc.code}: {exc}")
         except HsmError as exc:
             fail(f"token: {exc}")
+        except SQLAlchemyError as exc:  # `kms init`/`serve` on a database they cannot reach
+            orig = getattr(exc, "orig", None)  # the driver's message names no password
+            fail("database: " + (f"{type(orig).__name__}: {orig}" if orig is not None
+                                 else type(exc).__name__))
         except BrokenPipeError:  # `kms audit export | head`: the reader has had enough
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, SETUP_TOKEN
 
 KMS = str(Path(sys.executable).parent / "kms")
@@ -162,6 +164,19 @@ def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
                        env={**os.environ, "KMS_HOME": str(tmp_path),
                             "KMS_DATABASE_URL": "garbage"})
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "database_url" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["init", "serve", "tenant list"])
+def test_a_database_out_of_reach_is_one_line_without_its_password(
+        tmp_path: Path, command: str) -> None:
+    """A break-it trial's finding: `kms init` and `kms serve` printed a 140-line
+    traceback when the database could not be reached."""
+    r = subprocess.run([KMS, *command.split()], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "KMS_HOME": str(tmp_path),
+                            "KMS_DATABASE_URL":
+                                "postgresql+psycopg://kms:S3cretPW@127.0.0.1:1/kms"})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("kms: error: ") and "S3cretPW" not in r.stderr
 
 
 def test_a_cli_change_is_anchored_before_the_command_exits(tmp_path: Path) -> None:
