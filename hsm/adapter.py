@@ -402,7 +402,21 @@ class Pkcs11Hsm:
                 # SoftHSM reports a bad GCM tag as CKR_GENERAL_ERROR.
                 raise HsmDecryptFailed("AES-GCM authentication failed") from exc
 
-        return self._run(op)
+        try:
+            return self._run(op)
+        except HsmDecryptFailed:
+            # Every blob the token unwraps was wrapped by it, so a failure is either a
+            # damaged blob or a stale view of the key: SoftHSM's file store may hold a
+            # copy of an object another process (`kms tenant rotate-kek`) was still
+            # writing when this one read it, and keeps using it (a break-it trial saw
+            # every unwrap under a freshly rotated KEK fail until the next rotation).
+            # Read the token again (re-initialise, log in, find the key by CKA_ID) and
+            # try once more, off the event loop; then the blob is what is wrong.
+            if inline.active():
+                raise inline.WouldBlock() from None
+            with self._lock:
+                self._reset()
+            return self._run(op)
 
     def hmac_sha256(self, cka_id: bytes, data: bytes) -> bytes:
         def op(session: Any) -> bytes:

@@ -214,3 +214,56 @@ def test_a_reinitialisation_by_another_adapter_does_not_fail_the_next_call(kms, 
         kms.hsm.destroy(kek)
     finally:
         other.db.dispose()
+
+
+def test_an_unwrap_that_fails_on_a_stale_view_of_the_key_reads_the_token_again(
+        hsm) -> None:  # type: ignore[no-untyped-def]
+    """A break-it trial saw every unwrap under a KEK that `kms tenant rotate-kek` (another
+    process) had just made fail in the server until the next rotation: SoftHSM's copy of
+    the object in that process was not the key. Fault injection on the real adapter: the
+    handle it holds for the KEK is another AES key of the token (a stale view). The
+    failed decrypt reads the token again and succeeds; a damaged blob still fails."""
+    from pkcs11 import ObjectClass
+
+    kek = hsm.generate_aes_kek(label="kms/t-stale/kek/1")
+    other = hsm.generate_aes_kek(label="kms/t-stale/kek/2")
+    iv = os.urandom(12)
+    sealed = hsm.gcm_encrypt(kek, b"v" * 64, iv=iv, aad=b"place")
+
+    def stale(session):  # type: ignore[no-untyped-def]
+        wrong = hsm._find_one(session, other, ObjectClass.SECRET_KEY)
+        hsm._handles[(kek, int(ObjectClass.SECRET_KEY))] = wrong
+
+    hsm._run(stale)
+    assert hsm.gcm_decrypt(kek, sealed, iv=iv, aad=b"place") == b"v" * 64
+    hsm._run(stale)
+    with pytest.raises(HsmDecryptFailed):
+        hsm.gcm_decrypt(kek, sealed, iv=iv, aad=b"another place")
+    hsm.destroy(kek)
+    hsm.destroy(other)
+
+
+def test_a_key_fetch_on_a_stale_view_of_the_kek_is_answered(client, tenant, kms) -> None:  # type: ignore[no-untyped-def]
+    """The same through the API: the fetch runs inline on the event loop, the failed
+    unwrap is tried again off it after the token is read again, and the key is served."""
+    from pkcs11 import ObjectClass
+    from sqlalchemy import select
+
+    from kms.models import Kek
+
+    hv = tenant.auth("hypervisor")
+    assert client.post("/v1/volumes", json={"volume_id": "vol-stale"}, headers=hv).status_code \
+        == 201
+    with kms.db.read() as s:
+        cka_id = bytes.fromhex(s.scalars(select(Kek.cka_id).where(
+            Kek.tenant_id == tenant.id, Kek.state == "active")).one())
+    other = kms.hsm.generate_aes_kek(label="kms/t-stale-api/kek/1")
+
+    def stale(session):  # type: ignore[no-untyped-def]
+        wrong = kms.hsm._find_one(session, other, ObjectClass.SECRET_KEY)
+        kms.hsm._handles[(cka_id, int(ObjectClass.SECRET_KEY))] = wrong
+
+    kms.hsm._run(stale)
+    r = client.post("/v1/volumes/vol-stale/key", headers=hv)
+    assert r.status_code == 200, r.text
+    kms.hsm.destroy(other)
