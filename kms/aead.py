@@ -104,6 +104,9 @@ def parse_ciphertext(text: str) -> tuple[int, bytes]:
         blob = pybase64.b64decode(m.group(2), validate=True)
     except (binascii.Error, ValueError):
         raise DecryptionFailed() from None
-    if len(blob) < NONCE_BYTES + TAG_BYTES:
+    if len(blob) < NONCE_BYTES + TAG_BYTES or \
+            pybase64.b64encode_as_string(blob) != m.group(2):
+        # Only the canonical spelling (the one format_ciphertext writes): unused low bits
+        # set in the last character would spell the same ciphertext several ways.
         raise DecryptionFailed()
     return int(m.group(1)), blob

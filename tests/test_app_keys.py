@@ -92,6 +92,23 @@ def test_truncated_and_malformed_ciphertexts_fail_alike(client, tenant) -> None:
         assert_decryption_failed(dec(client, tenant, "k1", bad))
 
 
+def test_only_the_canonical_spelling_of_a_ciphertext_decrypts(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """A break-it trial's note: base64 whose last character sets unused low bits
+    (`aGVsbG9=` for `aGVsbG8=`) decoded to the same bytes, so one ciphertext could be
+    written several ways. Only the spelling the service wrote decrypts."""
+    import string
+
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"
+    make_key(client, tenant)
+    ct = enc(client, tenant, "k1", b"abcd").json()["ciphertext"]  # 32 bytes: one "="
+    assert ct.endswith("=") and not ct.endswith("==")
+    last = ct[-2]
+    other = alphabet[alphabet.index(last) ^ 1]  # the same 4 high bits, another low bit
+    assert base64.b64decode(ct[7:-2] + other + "=") == base64.b64decode(ct[7:])
+    assert dec(client, tenant, "k1", ct).status_code == 200
+    assert_decryption_failed(dec(client, tenant, "k1", ct[:-2] + other + "="))
+
+
 def test_wrong_context_fails(client, tenant) -> None:  # type: ignore[no-untyped-def]
     make_key(client, tenant)
     ct = enc(client, tenant, "k1", b"data", b"volume=1").json()["ciphertext"]
