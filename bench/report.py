@@ -398,7 +398,11 @@ def write_report(res: dict[str, Any], out: Path, run_dir: Path) -> str:
         "configuration (`cli.serve._config`, same JSON access log) with an `async` route, as "
         "the service's are, that parses the same pydantic body as encrypt (1 KiB plaintext, "
         "base64) and answers a constant: no middleware, no database, no token, no crypto. "
-        "The same route as a plain `def` (run in the thread pool) is shown beside it.",
+        "The same route as a plain `def` (run in the thread pool) is shown beside it, and "
+        "the same route through the service's route class (`api.strict_json."
+        "StrictJsonRoute`: a well-formed request is called directly, without FastAPI's "
+        "dependency resolution, as the data plane's are): a stricter ceiling, run in every "
+        "round; the targets are read against the plain route.",
         "- Plain HTTP (`--insecure-http`, loopback) for the main rows, TLS measured beside it; "
         "the peer comparison is over TLS on both sides.",
         "- Data-plane audit events are on (the default) unless a row says otherwise.",
