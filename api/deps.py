@@ -26,7 +26,12 @@ async def bearer_token(request: Request) -> str:
 
 
 def bearer(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    values = request.headers.getlist("authorization")
+    if len(values) > 1:
+        # One credential per request (RFC 9110: a singleton field). With two, a proxy
+        # that checks the last and a service that uses the first would disagree.
+        raise Unauthenticated("more than one Authorization header")
+    scheme, _, token = (values[0] if values else "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("missing bearer token")
     return token.strip()

@@ -485,3 +485,18 @@ def test_fast_json_answers_are_starlettes_byte_for_byte(body) -> None:  # type: 
 
     assert Json(body).body == JSONResponse(body).body
     assert Json(body).headers["content-type"] == "application/json"
+
+
+def test_two_authorization_headers_are_refused(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """A break-it trial's note: with two Authorization headers the first was used. A
+    proxy that checks the last would then have let through another credential than the
+    one the service acts on: 401, whichever of them is valid."""
+    app = tenant.auth("app")["Authorization"]
+    hv = tenant.auth("hypervisor")["Authorization"]
+    client.post("/v1/keys", json={"name": "two"}, headers=tenant.auth("tenant-admin"))
+    for pair in ((app, "Bearer nope"), ("Bearer nope", app), (app, app), (hv, app)):
+        r = client.post("/v1/keys/two/encrypt", json={"plaintext": "aGk="},
+                        headers=[("Authorization", pair[0]), ("Authorization", pair[1])])
+        assert r.status_code == 401 and r.json()["code"] == "unauthenticated", (pair, r.text)
+    ok = client.post("/v1/keys/two/encrypt", json={"plaintext": "aGk="}, headers={"Authorization": app})
+    assert ok.status_code == 200
