@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cli.logs import configure_logging
 
 
-def test_log_file_is_reopened_after_rotation_and_removal(tmp_path: Path) -> None:
-    path = tmp_path / "kms.log"
+@contextmanager
+def logging_to(path: Path) -> Iterator[None]:
+    """The service's logging into `path` for the block, then the root logger as it was
+    (handlers flushed and closed)."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
         configure_logging("INFO", str(path))
-        log = logging.getLogger("kms.test")
-        log.info("first", extra={"tenant": "t-1"})
-        path.rename(tmp_path / "kms.log.1")
-        log.info("second")
-        path.unlink()
-        log.info("third")
+        yield
         for h in root.handlers:
             h.flush()
     finally:
@@ -28,6 +27,17 @@ def test_log_file_is_reopened_after_rotation_and_removal(tmp_path: Path) -> None
             h.close()
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
+
+
+def test_log_file_is_reopened_after_rotation_and_removal(tmp_path: Path) -> None:
+    path = tmp_path / "kms.log"
+    with logging_to(path):
+        log = logging.getLogger("kms.test")
+        log.info("first", extra={"tenant": "t-1"})
+        path.rename(tmp_path / "kms.log.1")
+        log.info("second")
+        path.unlink()
+        log.info("third")
     rotated = [json.loads(x) for x in (tmp_path / "kms.log.1").read_text().splitlines()]
     current = [json.loads(x) for x in path.read_text().splitlines()]
     assert [r["msg"] for r in rotated] == ["first"] and rotated[0]["tenant"] == "t-1"
@@ -86,23 +96,13 @@ def test_the_access_line_leaves_out_the_query_string(tmp_path: Path) -> None:
     put the token in uvicorn's access line. The line keeps the path and that there was a
     query, nothing of it."""
     path = tmp_path / "kms.log"
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
     access = logging.getLogger("uvicorn.access")
-    try:
-        configure_logging("INFO", str(path))
+    with logging_to(path):
         # What uvicorn's h11 protocol logs for each request (uvicorn 0.55).
         access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET",
                     "/v1/volumes?access_token=kms_tok_SECRET&x", "1.1", 401)
         access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", "/v1/volumes",
                     "1.1", 200)
-        for h in root.handlers:
-            h.flush()
-    finally:
-        for h in root.handlers:
-            h.close()
-        root.handlers[:], _ = saved
-        root.setLevel(saved[1])
     text = path.read_text()
     lines = [json.loads(x)["msg"] for x in text.splitlines()]
     assert "SECRET" not in text and "access_token" not in text
