@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from kms.errors import InvalidConfiguration
 
@@ -81,8 +83,19 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("sqlite:///", "postgresql+psycopg://")):
+        if v is None:
+            return v
+        if not v.startswith(("sqlite:///", "postgresql+psycopg://")):
             raise ValueError("database_url must be sqlite:///PATH or postgresql+psycopg://…")
+        try:
+            url = make_url(v)
+        except (ValueError, ArgumentError):
+            # Not the parser's message: it quotes the part it failed on, which may be
+            # the password (a "@" or ":" in it moves where the host and port seem to be).
+            raise ValueError("database_url is not a valid URL (a password with @, : or / "
+                             "must be percent-encoded)") from None
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            raise ValueError("database_url: SQLite needs a file (sqlite:///PATH)")
         return v
 
     @field_validator("notice_days")

@@ -244,3 +244,21 @@ def test_a_journal_wiped_with_its_audit_key_row_cannot_be_started_again(tmp_path
                           ).fetchone() == (0,)
     db.close()
     assert _kms(tmp_path, "audit", "verify", check=False).returncode != 0
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://kms:Hunter@2:TopSecretPart@db.example/kms",
+    "postgresql+psycopg://kms:TopSecretPart@127.0.0.1:abc/kms",
+    "postgresql+psycopg://kms:TopSecretPart@[::1:1/kms",
+    "sqlite:///:memory:",
+])
+def test_a_malformed_database_url_is_one_line_without_its_parts(tmp_path: Path, url: str) -> None:
+    """A second break-it trial's finding: SQLAlchemy's URL parser quoted the part it
+    failed on in a traceback, which was a piece of the password when the password held
+    an "@" or ":"; an in-memory SQLite URL failed deep in the engine."""
+    for command in ("init", "tenant list"):
+        r = subprocess.run([KMS, *command.split()], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "KMS_HOME": str(tmp_path),
+                                "KMS_DATABASE_URL": url})
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert "database_url" in r.stderr and "TopSecretPart" not in r.stderr
