@@ -6,6 +6,7 @@ Nothing is built at import time; the composition root passes settings and the Km
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,9 @@ TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": Fa
                                   "operation_spans": False, "auto_configure": False}
 
 
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
 def _base_app(title: str, settings: Settings, kms: Kms, *, openapi: str,
               credentials: Callable[[Request], None]) -> FastAPI:
     # No redirect for a trailing slash: Starlette's would point at the Host header's name,
@@ -122,12 +126,22 @@ def _install_problem_handlers(app: FastAPI, credentials: Callable[[Request], Non
         field = None
         if errors and errors[0].get("type") != "json_invalid":  # its loc is an offset
             # Item positions included: "batch.1.plaintext", as the service's own checks say.
-            loc = [str(p) for p in errors[0].get("loc", ()) if p != "body"]
+            # An unknown field's name comes from the input: named only when it looks like a
+            # field name (a second break-it trial had a card number echoed as one).
+            loc = [str(p) if isinstance(p, int) or _FIELD_NAME.fullmatch(str(p)) else "…"
+                   for p in errors[0].get("loc", ()) if p != "body"]
             field = ".".join(loc) or None
         return problem("invalid_request", lang_of(request), field=field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:
+            # A body FastAPI could not parse (bad UTF-8, nesting, huge numbers): as for any
+            # bad body, credentials first (a second break-it trial's finding).
+            try:
+                await run_in_threadpool(credentials, request)
+            except KmsError as refused:
+                return from_error(refused, lang_of(request))
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
                 415: "unsupported_media_type"}.get(exc.status_code, "invalid_request")
         response = problem(code, lang_of(request))
