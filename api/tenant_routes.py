@@ -120,6 +120,17 @@ def _b64(value: str | None, field: str) -> bytes:
         raise InvalidRequest("not standard base64", field=field) from None
 
 
+def _context(value: str | None, field: str) -> bytes:
+    """A context (the AAD a ciphertext is bound to) in its canonical spelling only: with
+    unused low bits set in its last character, "aGl=" would decrypt what "aGk=" sealed,
+    and a proxy or policy matching contexts as strings would see two (a second break-it
+    trial's finding). Plaintexts are bytes to seal, whatever their spelling."""
+    raw = _b64(value, field)
+    if value is not None and pybase64.b64encode_as_string(raw) != value:
+        raise InvalidRequest("not canonical base64", field=field)
+    return raw
+
+
 _CIPHERTEXT_ALPHABET = (string.ascii_letters + string.digits + "+/=:").encode()
 
 
@@ -165,10 +176,10 @@ async def encrypt(name: str, body: EncryptBody, request: Request) -> Response:
         if body.batch is None:
             ciphertext, version = kms.transit.encrypt(
                 caller, name, _b64(body.plaintext, "plaintext"),
-                context=_b64(body.context, "context"))
+                context=_context(body.context, "context"))
             return Json({"ciphertext": ciphertext, "key_version": version})
         items = [(_b64(i.plaintext, f"batch.{n}.plaintext"),
-                  _b64(i.context, f"batch.{n}.context")) for n, i in enumerate(body.batch)]
+                  _context(i.context, f"batch.{n}.context")) for n, i in enumerate(body.batch)]
         results = kms.transit.encrypt_batch(caller, name, items)
         return Response(_batch_json(results), media_type="application/json")
 
@@ -184,9 +195,9 @@ async def decrypt(name: str, body: DecryptBody, request: Request) -> Response:
             raise InvalidRequest("give either ciphertext or batch", field="ciphertext")
         if body.batch is None:
             plaintext = kms.transit.decrypt(caller, name, body.ciphertext or "",
-                                            context=_b64(body.context, "context"))
+                                            context=_context(body.context, "context"))
             return _no_store({"plaintext": _b64out(plaintext.reveal())})
-        items = [(i.ciphertext, _b64(i.context, f"batch.{n}.context"))
+        items = [(i.ciphertext, _context(i.context, f"batch.{n}.context"))
                  for n, i in enumerate(body.batch)]
         out: list[dict[str, Any]] = []
         for r in kms.transit.decrypt_batch(caller, name, items):
@@ -204,7 +215,7 @@ async def decrypt(name: str, body: DecryptBody, request: Request) -> Response:
 async def rewrap(name: str, body: DecryptItem, request: Request) -> Response:
     def op(kms: Kms, caller: Caller) -> Response:
         ciphertext, version = kms.transit.rewrap(caller, name, body.ciphertext,
-                                                 context=_b64(body.context, "context"))
+                                                 context=_context(body.context, "context"))
         return Json({"ciphertext": ciphertext, "key_version": version})
 
     return await as_caller(request, op)
@@ -214,7 +225,7 @@ async def rewrap(name: str, body: DecryptItem, request: Request) -> Response:
 async def datakey(name: str, body: DatakeyBody, request: Request) -> Response:
     def op(kms: Kms, caller: Caller) -> Response:
         dk = kms.transit.datakey(caller, name, bits=body.bits,
-                                 context=_b64(body.context, "context"),
+                                 context=_context(body.context, "context"),
                                  wrapped_only=body.wrapped_only)
         if dk.plaintext is None:
             return _no_store({"ciphertext": dk.ciphertext})

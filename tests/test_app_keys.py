@@ -109,6 +109,25 @@ def test_only_the_canonical_spelling_of_a_ciphertext_decrypts(client, tenant) ->
     assert_decryption_failed(dec(client, tenant, "k1", ct[:-2] + other + "="))
 
 
+def test_only_the_canonical_spelling_of_a_context_is_taken(client, tenant) -> None:  # type: ignore[no-untyped-def]
+    """The same for contexts (a second break-it trial): "aGl=" is b"hi" too, but only
+    "aGk=" is taken, on every route that takes one, single or batch."""
+    app = tenant.auth("app")
+    make_key(client, tenant)
+    ct = enc(client, tenant, "k1", b"data", b"hi").json()["ciphertext"]
+    calls = (("encrypt", {"plaintext": "eA==", "context": "aGl="}, "context"),
+             ("encrypt", {"batch": [{"plaintext": "eA==", "context": "aGl="}]},
+              "batch.0.context"),
+             ("decrypt", {"ciphertext": ct, "context": "aGl="}, "context"),
+             ("decrypt", {"batch": [{"ciphertext": ct, "context": "aGl="}]}, "batch.0.context"),
+             ("rewrap", {"ciphertext": ct, "context": "aGl="}, "context"),
+             ("datakey", {"bits": 256, "context": "aGl="}, "context"))
+    for route, body, field in calls:
+        r = client.post(f"/v1/keys/k1/{route}", json=body, headers=app)
+        assert r.status_code == 400 and r.json()["field"] == field, (route, r.text)
+    assert dec(client, tenant, "k1", ct, b"hi").json()["plaintext"] == b64(b"data")
+
+
 def test_wrong_context_fails(client, tenant) -> None:  # type: ignore[no-untyped-def]
     make_key(client, tenant)
     ct = enc(client, tenant, "k1", b"data", b"volume=1").json()["ciphertext"]
