@@ -155,14 +155,26 @@ def _erasure_loop(kms: Kms, settings: Settings, stop: threading.Event) -> None:
     """The periodic tasks: due erasures (as `kms erasure run`) and scheduled KEK
     rotations (as `kms tenant rotate-kek`)."""
     while not stop.wait(settings.erasure_interval_seconds):
-        try:
-            for outcome in kms.erasure.run_due():
-                if outcome.state != "skipped":
-                    log.info("erasure run", extra=outcome.public())
-            kms.sweep_caches()
-            for rotation in kms.kek_rotation.run_due():
-                if rotation.state != "skipped":
-                    log.info("KEK rotated", extra={"tenant": rotation.tenant_id,
-                                                   "rewrapped": rotation.rewrapped})
-        except Exception as exc:  # noqa: BLE001 - the loop must survive a bad run
-            log.error("periodic task failed: %s", type(exc).__name__)
+        # Each task on its own: one that fails (an erasure, a rotation) must not keep the
+        # others from running this round, the key caches' sweep among them.
+        for name, task in (("erasure", lambda: _run_erasures(kms)),
+                           ("cache sweep", kms.sweep_caches),
+                           ("KEK rotation", lambda: _run_rotations(kms))):
+            try:
+                task()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive a bad run
+                log.error("periodic task failed: %s", type(exc).__name__,
+                          extra={"task": name})
+
+
+def _run_erasures(kms: Kms) -> None:
+    for outcome in kms.erasure.run_due():
+        if outcome.state != "skipped":
+            log.info("erasure run", extra=outcome.public())
+
+
+def _run_rotations(kms: Kms) -> None:
+    for rotation in kms.kek_rotation.run_due():
+        if rotation.state != "skipped":
+            log.info("KEK rotated", extra={"tenant": rotation.tenant_id,
+                                           "rewrapped": rotation.rewrapped})

@@ -197,3 +197,34 @@ def test_the_sweep_forgets_a_volume_deleted_or_rewrapped_elsewhere(clocked, sett
     assert held() == set()
     kms.volumes.fetch_key(hv, "vol-0")
     assert kms.sweep_caches() == 0 and held() == {"vol-0"}
+
+
+def test_a_failing_periodic_task_does_not_skip_the_sweep(caplog) -> None:  # type: ignore[no-untyped-def]
+    """A second break-it trial's note: the sweep shared one try block with the due
+    erasures, so a failing erasure run skipped that round's sweep (and rotations).
+    Each periodic task now runs on its own (`cli.serve._erasure_loop`)."""
+    import threading
+    from types import SimpleNamespace
+
+    from cli.serve import _erasure_loop
+
+    stop = threading.Event()
+    ran: list[str] = []
+
+    def failing() -> list[object]:
+        ran.append("erasure")
+        if ran.count("erasure") >= 3:
+            stop.set()  # so that a loop that never reaches the others still ends
+        raise RuntimeError("erasure run failed")
+
+    def rotations() -> list[object]:
+        ran.append("rotations")
+        stop.set()
+        return []
+
+    kms = SimpleNamespace(erasure=SimpleNamespace(run_due=failing),
+                          sweep_caches=lambda: ran.append("sweep") or 0,
+                          kek_rotation=SimpleNamespace(run_due=rotations))
+    _erasure_loop(kms, SimpleNamespace(erasure_interval_seconds=0), stop)  # type: ignore[arg-type]
+    assert ran == ["erasure", "sweep", "rotations"]
+    assert any(getattr(r, "task", None) == "erasure" for r in caplog.records)
