@@ -11,7 +11,6 @@ cause (format, unknown version, tag), is one opaque `DecryptionFailed`.
 
 from __future__ import annotations
 
-import binascii
 import os
 import re
 import struct
@@ -101,12 +100,20 @@ def parse_ciphertext(text: str) -> tuple[int, bytes]:
     if m is None:
         raise DecryptionFailed()
     try:
-        blob = pybase64.b64decode(m.group(2), validate=True)
-    except (binascii.Error, ValueError):
+        blob = b64decode_canonical(m.group(2))
+    except ValueError:
         raise DecryptionFailed() from None
-    if len(blob) < NONCE_BYTES + TAG_BYTES or \
-            pybase64.b64encode_as_string(blob) != m.group(2):
-        # Only the canonical spelling (the one format_ciphertext writes): unused low bits
-        # set in the last character would spell the same ciphertext several ways.
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
         raise DecryptionFailed()
     return int(m.group(1)), blob
+
+
+def b64decode_canonical(text: str) -> bytes:
+    """Strict standard base64 (alphabet, padding, nothing after it) in its one canonical
+    spelling, the one `pybase64.b64encode` writes: unused low bits set in the last
+    character would otherwise spell the same bytes several ways (ciphertexts, and the
+    contexts they are bound to). ValueError otherwise (binascii.Error is one)."""
+    raw = pybase64.b64decode(text, validate=True)
+    if pybase64.b64encode_as_string(raw) != text:
+        raise ValueError("not canonical base64")
+    return raw
