@@ -10,8 +10,8 @@ row first, so the cache serves only what the database would release now: an entr
 found only under the same tenant epoch (every state change bumps it, and drops the
 tenant's entries in this process), the same wrapped blob (a volume deleted and created
 again, or rewrapped by a KEK rotation, misses) and the same KEK. Deleting a volume drops
-its entry at once in this process; other processes forget it at the latest when its
-time runs out.
+its entry at once in this process; other processes forget it at their next periodic
+sweep (`sweep_cache`), at the latest when its time runs out.
 """
 
 from __future__ import annotations
